@@ -1,0 +1,72 @@
+"""Command line: `triespec generate [PROMPT]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="triespec", description="Lossless speculative generation")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text from a prompt (stdin when omitted)")
+    gen.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    gen.add_argument("--model", help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--dtype", default="float32", help="float32 (exact), bfloat16 (fast on CPUs with AMX), float16, auto")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--decoding-length", type=int, default=32, help="most draft tokens verified per step")
+    gen.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
+    gen.add_argument("--mode", default="hierarchical", choices=["hierarchical", "parallel", "single"])
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    gen.add_argument("--json", action="store_true", help="print text, token ids and stats as one JSON object")
+    args = parser.parse_args(argv)
+
+    try:
+        return _generate(args)
+    except ValueError as e:
+        print(f"triespec: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    from .engine import Engine
+    from .loading import default_model_path
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("prompt is empty")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _quiet_transformers()
+    engine = Engine.from_pretrained(
+        args.model or default_model_path(),
+        dtype=args.dtype,
+        decoding_length=args.decoding_length,
+        branch_length=args.branch_length,
+        mode=args.mode,
+    )
+    chat = not args.raw and getattr(engine.tokenizer, "chat_template", None)
+    request = [{"role": "user", "content": prompt}] if chat else prompt
+    result = engine.generate(request, max_new_tokens=args.max_new_tokens, stop=args.stop)
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                          "finish_reason": result.finish_reason, "stats": result.stats.as_dict()}))
+    else:
+        print(result.text)
+        s = result.stats
+        print(f"[{s.new_tokens} tokens, {s.steps} steps, {s.mean_tokens_per_step:.2f} tokens/step, "
+              f"{s.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_config, tiny_model
+from triespec import TokenTree
+from triespec.kv import keep_path
+from triespec.masks import attention_layout, pack
+
+
+def forward(model, pending, tree, past, cache):
+    packed = pack(pending, tree, past, model.dtype, model.config, None)
+    return model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                 attention_mask=packed.attention_mask, past_key_values=cache, use_cache=True).logits[0]
+
+
+def cache_of(model, ids) -> DynamicCache:
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("accepted", [[], [0], [0, 1], [2, 3], [2, 3, 4]])
+def test_keep_path_equals_feeding_only_the_accepted_tokens(accepted):
+    model = tiny_model("llama")
+    prompt = [5, 9, 14, 3, 7]
+    # root -> 20 -> 21          (nodes 0, 1)
+    # root -> 30 -> 31 -> 32    (nodes 2, 3, 4)
+    tree = TokenTree((20, 21, 30, 31, 32), (-1, 0, -1, 2, 3))
+    cache = DynamicCache()
+    with torch.no_grad():
+        forward(model, prompt, tree, 0, cache)
+    keep_path(cache, len(prompt), [len(prompt) + i for i in accepted])
+
+    reference = cache_of(model, prompt + [tree.tokens[i] for i in accepted])
+    assert cache.get_seq_length() == len(prompt) + len(accepted)
+    for got, want in zip(cache.layers, reference.layers):
+        torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_path_then_decoding_continues_exactly():
+    model = tiny_model("llama")
+    prompt = [5, 9, 14, 3, 7]
+    tree = TokenTree((20, 21, 30, 31), (-1, 0, -1, 2))
+    cache = DynamicCache()
+    with torch.no_grad():
+        forward(model, prompt, tree, 0, cache)
+        keep_path(cache, len(prompt), [len(prompt) + 2, len(prompt) + 3])  # keep 30, 31
+        got = forward(model, [40], TokenTree(), len(prompt) + 2, cache)[-1]
+        want = model(torch.tensor([prompt + [30, 31, 40]])).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_path_rejects_unordered_positions():
+    cache = cache_of(tiny_model("llama"), [1, 2, 3, 4])
+    with pytest.raises(ValueError):
+        keep_path(cache, 2, [3, 2])
+    with pytest.raises(ValueError):
+        keep_path(cache, 2, [1])
+
+
+def test_pack_layout():
+    tree = TokenTree((20, 21, 30), (-1, 0, -1))
+    packed = pack([7, 8], tree, 4, torch.float32, tiny_config("llama"))
+    assert packed.input_ids.tolist() == [[7, 8, 20, 21, 30]]
+    # pending at 4, 5; nodes at 5 + depth
+    assert packed.position_ids.tolist() == [[4, 5, 6, 7, 6]]
+    allowed = (packed.attention_mask[0, 0] == 0).int().tolist()
+    assert allowed == [
+        # past(4)     7  8  20 21 30
+        [1, 1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0, 1],
+    ]
+    assert packed.attention_mask.min() == torch.finfo(torch.float32).min
+
+
+def test_sliding_window_masks_far_positions_by_position_not_index():
+    config = tiny_config("gemma3")  # window 8, mixed layers -> dict of masks
+    tree = TokenTree((20, 21), (-1, 0))
+    packed = pack([7], tree, 10, torch.float32, config)
+    assert set(packed.attention_mask) == {"full_attention", "sliding_attention"}
+    full = packed.attention_mask["full_attention"][0, 0] == 0
+    sliding = packed.attention_mask["sliding_attention"][0, 0] == 0
+    assert full[:, :11].all()  # no window on full layers: every row sees all 10 past + 1 pending
+    # node 21 sits at position 12: it sees positions 5..12 only
+    assert sliding[2].nonzero().flatten().tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_unknown_attention_types_are_refused():
+    config = tiny_config("llama")
+    config.layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        attention_layout(config)
