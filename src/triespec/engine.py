@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, StopStringCriteria
@@ -14,7 +14,11 @@ from .drafters import Drafter, NoDraft, TrieDrafter
 from .kv import keep_path
 from .masks import attention_layout, pack
 from .tree import TokenTree
-from .verify import verify_greedy
+from .sampling import Sampling, TreeScores, sampling_settings
+from .verify import verify_greedy, verify_sampling
+
+SAMPLING_ARGS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logits_processor",
+                 "seed", "generator"}
 
 
 @dataclass
@@ -111,66 +115,52 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.context_length}")
         return ids
 
-    @torch.inference_mode()
-    def generate(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] | None = None) -> Generation:
-        """Generate exactly what greedy decoding would, in fewer forward passes.
+    def generate(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] | None = None, *,
+                 streamer=None, **sampling) -> Generation:
+        """Generate exactly what `model.generate` would, in fewer forward passes.
 
-        Stops on EOS, after `max_new_tokens`, at the end of the context, or on a stop
-        string (where transformers' `stop_strings` stops; the returned text is cut
-        before the stop string, the token ids are not).
+        Greedy by default (as the model's generation config says); `do_sample=True`
+        with `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`,
+        `logits_processor` and `seed` or `generator` samples from exactly the
+        distribution `model.generate` samples from. Stops on EOS, after
+        `max_new_tokens`, at the end of the context, or on a stop string (where
+        transformers' `stop_strings` stops; the text is cut before the stop string, the
+        token ids are not). `streamer`: a transformers streamer (`put`/`end`), given
+        the new tokens after every step.
         """
+        request = self._request(prompt, max_new_tokens, stop, sampling)
+        for new in request:
+            if streamer is not None:
+                streamer.put(torch.tensor(new))
+        if streamer is not None:
+            streamer.end()
+        return request.result()
+
+    def stream(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
+               **sampling) -> Iterator[str]:
+        """Yield the text as it is accepted (several tokens per step).
+
+        Never splits a character, and holds back text that may be the start of a stop
+        string; the pieces join to exactly `generate(...).text`.
+        """
+        self._need_tokenizer("streaming text")
+        request = self._request(prompt, max_new_tokens, stop, sampling)
+        text = _TextStream(self.tokenizer, request.stops.stop)
+        for new in request:
+            if piece := text.push(new):
+                yield piece
+        if piece := text.finish(request.result().text):
+            yield piece
+
+    def _request(self, prompt, max_new_tokens, stop, sampling: dict) -> _Request:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        start = time.perf_counter()
-        ids = self.encode(prompt)
+        unknown = set(sampling) - SAMPLING_ARGS
+        if unknown:
+            raise ValueError(f"unknown generation arguments {sorted(unknown)}; supported: {sorted(SAMPLING_ARGS)}")
+        settings = sampling_settings(self.model.generation_config, **sampling)
         stops = _StopChecker(self.eos_ids, stop, self.tokenizer)
-        stats = Stats(prompt_tokens=len(ids))
-        limit = min(max_new_tokens, self.context_length - len(ids))
-        seq = list(ids)  # prompt + output
-        out: list[int] = []
-        pending = list(ids)  # committed tokens not yet in the KV cache
-        cache = DynamicCache()
-        past = 0  # tokens in the KV cache
-        session = self.drafter.begin(ids)
-        finish = None
-        while finish is None:
-            # 1. draft: every token past the limit would be thrown away
-            t0 = time.perf_counter()
-            tree = session.propose(max_nodes=self.context_length, max_depth=limit - len(out) - 1)
-            t1 = time.perf_counter()
-            # 2. forward the pending tokens and the tree together
-            logits = self._forward(pending, tree, past, cache)  # [1 + n, V]
-            t2 = time.perf_counter()
-            # 3. verify: accepted draft tokens + the bonus token
-            verdict = verify_greedy(tree, logits)
-            # 4. commit the accepted path's KV, drop the rest
-            past += len(pending)
-            keep_path(cache, past, [past + i for i in verdict.nodes])
-            past += len(verdict.nodes)
-            pending = verdict.tokens[-1:]
-            # 5. emit token by token, stopping exactly where plain decoding stops
-            new = []
-            for token in verdict.tokens:
-                new.append(token)
-                seq.append(token)
-                if stops(seq):
-                    finish = "stop"
-                    break
-                if len(out) + len(new) >= limit:
-                    finish = "length"
-                    break
-            out += new
-            # 6. learn from what the model produced
-            t3 = time.perf_counter()
-            session.learn(new)
-            stats.draft_time += (t1 - t0) + (time.perf_counter() - t3)
-            stats.model_time += t2 - t1
-            stats.tokens_per_step.append(len(new))
-            stats.draft_sizes.append(len(tree))
-        session.end()
-        stats.new_tokens = len(out)
-        stats.total_time = time.perf_counter() - start
-        return Generation(stops.text(self.tokenizer, out), out, finish, stats)
+        return _Request(self, self.encode(prompt), max_new_tokens, stops, settings)
 
     def _forward(self, pending: list[int], tree: TokenTree, past: int, cache: DynamicCache) -> torch.Tensor:
         packed = pack(pending, tree, past, self.model.dtype, self.config, self.model.device)
@@ -188,6 +178,115 @@ class Engine:
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer: pass one to Engine, or give token ids")
+
+
+class _Request:
+    """One generation, advanced step by step: iterating yields the tokens of each step."""
+
+    def __init__(self, engine: Engine, ids: list[int], max_new_tokens: int, stops: _StopChecker, sampling: Sampling):
+        self.engine, self.ids, self.stops, self.sampling = engine, ids, stops, sampling
+        self.limit = min(max_new_tokens, engine.context_length - len(ids))
+        self.out: list[int] = []
+        self.finish: str | None = None
+        self.stats = Stats(prompt_tokens=len(ids))
+        self._steps = self._run()  # one run per request, however it is consumed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._steps
+
+    @torch.inference_mode()
+    def _run(self) -> Iterator[list[int]]:
+        engine, stats, start = self.engine, self.stats, time.perf_counter()
+        seq = list(self.ids)  # prompt + output
+        pending = list(self.ids)  # committed tokens not yet in the KV cache
+        cache, past = DynamicCache(), 0  # past: tokens in the KV cache
+        session = engine.drafter.begin(self.ids)
+        try:
+            while self.finish is None:
+                # 1. draft: every token past the limit would be thrown away
+                t0 = time.perf_counter()
+                tree = session.propose(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
+                t1 = time.perf_counter()
+                # 2. forward the pending tokens and the tree together
+                logits = engine._forward(pending, tree, past, cache)  # [1 + n, V]
+                t2 = time.perf_counter()
+                # 3. verify: accepted draft tokens + the bonus token
+                scores = TreeScores(logits, tree, seq, self.sampling.processors)
+                if self.sampling.do_sample:
+                    base = len(seq)  # output position of the step's first token
+                    verdict = verify_sampling(tree, scores, lambda depth: self.sampling.at(base + depth))
+                else:
+                    verdict = verify_greedy(tree, scores)
+                # 4. commit the accepted path's KV, drop the rest
+                past += len(pending)
+                keep_path(cache, past, [past + i for i in verdict.nodes])
+                past += len(verdict.nodes)
+                pending = verdict.tokens[-1:]
+                # 5. emit token by token, stopping exactly where plain decoding stops
+                new = []
+                for token in verdict.tokens:
+                    new.append(token)
+                    seq.append(token)
+                    if self.stops(seq):
+                        self.finish = "stop"
+                        break
+                    if len(self.out) + len(new) >= self.limit:
+                        self.finish = "length"
+                        break
+                self.out += new
+                # 6. learn from what the model produced
+                t3 = time.perf_counter()
+                session.learn(new)
+                stats.draft_time += (t1 - t0) + (time.perf_counter() - t3)
+                stats.model_time += t2 - t1
+                stats.tokens_per_step.append(len(new))
+                stats.draft_sizes.append(len(tree))
+                stats.new_tokens = len(self.out)
+                stats.total_time = time.perf_counter() - start
+                yield new
+        finally:
+            session.end()
+
+    def result(self) -> Generation:
+        for _ in self._steps:  # whatever the caller has not consumed yet
+            pass
+        return Generation(self.stops.text(self.engine.tokenizer, self.out), self.out, self.finish, self.stats)
+
+
+class _TextStream:
+    """Decoded text of a growing token list, released only when it is final: no half
+    characters, nothing that could still turn out to be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters already yielded
+
+    def push(self, new_ids: list[int]) -> str:
+        self.ids += new_ids
+        text = _decode(self.tokenizer, self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        safe = len(text)
+        for s in self.stop:
+            if (found := text.find(s)) >= 0:
+                safe = min(safe, found)
+            for k in range(min(len(s) - 1, len(text)), 0, -1):  # text ends with the start of s
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        piece = text[self.sent : max(safe, self.sent)]
+        self.sent = max(safe, self.sent)
+        return piece
+
+    def finish(self, final_text: str) -> str:
+        return final_text[self.sent :]
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    # No clean-up of spaces: with it, text decoded so far need not be a prefix of the
+    # text decoded later, and a stream could not promise to add up to the final text.
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class _StopChecker:
@@ -213,7 +312,7 @@ class _StopChecker:
     def text(self, tokenizer, out: list[int]) -> str:
         if tokenizer is None:
             return ""
-        text = tokenizer.decode(out, skip_special_tokens=True)
+        text = _decode(tokenizer, out)
         cuts = [text.find(s) for s in self.stop if s in text]
         return text[: min(cuts)] if cuts else text
 

@@ -22,6 +22,9 @@ class TokenTree:
     # Estimated probability that each node is accepted (drafter's own guess, in [0, 1]).
     # Drafters fill it so that a tree can be cut to its most promising nodes.
     scores: tuple[float, ...] | None = field(default=None, compare=False)
+    # [n, V]: the distribution q each node's token was drawn from (a small model's draft);
+    # None for drafters without probabilities (the trie), whose choices count as one-hot.
+    draft_probs: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
@@ -35,6 +38,8 @@ class TokenTree:
             raise ValueError("TokenTree: token ids must be >= 0")
         if self.scores is not None and len(self.scores) != len(self.tokens):
             raise ValueError("TokenTree: scores must have one entry per node")
+        if self.draft_probs is not None and (self.draft_probs.ndim != 2 or len(self.draft_probs) != len(self.tokens)):
+            raise ValueError("TokenTree: draft_probs must be [nodes, vocab]")
 
     @classmethod
     def chain(cls, tokens) -> TokenTree:
@@ -55,6 +60,14 @@ class TokenTree:
     @property
     def depth(self) -> int:
         return max(self.depths, default=0)
+
+    @cached_property
+    def children(self) -> dict[int, list[int]]:
+        """Children of each node, in tree order; key -1 is the root."""
+        children: dict[int, list[int]] = {i: [] for i in range(-1, len(self))}
+        for i, p in enumerate(self.parents):
+            children[p].append(i)
+        return children
 
     @cached_property
     def ancestors(self) -> torch.Tensor:
@@ -96,4 +109,5 @@ class TokenTree:
             tuple(self.tokens[i] for i in keep),
             tuple(new_index[self.parents[i]] for i in keep),
             None if self.scores is None else tuple(self.scores[i] for i in keep),
+            None if self.draft_probs is None else self.draft_probs[keep],
         )

@@ -10,11 +10,14 @@ Two tries of n-gram counts:
   under a low-water mark.
 
 Retrieval matches the last `match_length` tokens (then fewer, longest first), and
-grows the draft tree best-first by the estimated probability that a node is accepted:
-P(node) = P(parent) * s(node) / s(parent), with s = context count + memory_weight *
-memory count. Because a child is never likelier than its parent, the best-first
-nodes always form a tree, the one with the largest expected number of accepted tokens
-for the budget, under that estimate.
+grows the draft tree best-first by the estimated probability that a node is accepted.
+Each trie estimates it from its own counts, P(node) = P(parent) * count(node) /
+count(parent); the draft takes the larger of the two estimates. (The paper ranks by
+prompt count + 1e-4 * output count instead; that drowns the memory's estimate
+whenever the context also matches, so a confident memory continuation would rank
+below a one-off in the prompt.) Because a child is never likelier than its parent,
+the best-first nodes always form a tree, the one with the largest expected number of
+accepted tokens for the budget, under that estimate.
 """
 
 from __future__ import annotations
@@ -179,8 +182,11 @@ class TrieDrafter:
         side by side, prefixes repeated) or "single" (the one likeliest branch).
     match_length: longest suffix of the context to match; shorter ones fill the rest.
     max_nodes: node budget of the memory trie shared across requests (None: unbounded).
-    memory_weight: weight of memory counts against the request's own context counts
-        (the paper's 1e-4: the prompt dominates wherever it has a continuation).
+    memory_weight: trust in the memory's estimates, which are scaled by it (1: as much
+        as in the request's own context; lower: prefer the context).
+    min_score: leave out nodes whose estimated acceptance probability is below this;
+        each drafted token costs compute, and on hardware where a forward's cost grows
+        with the tokens fed, unlikely tokens cost more than they bring.
     """
 
     def __init__(
@@ -190,8 +196,9 @@ class TrieDrafter:
         mode: str = "hierarchical",
         match_length: int = 2,
         max_nodes: int | None = 500_000,
-        memory_weight: float = 1e-4,
+        memory_weight: float = 1.0,
         max_context_nodes: int | None = 1_000_000,
+        min_score: float = 0.0,
     ):
         for name, value in (("decoding_length", decoding_length), ("branch_length", branch_length),
                             ("match_length", match_length)):
@@ -199,8 +206,11 @@ class TrieDrafter:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if memory_weight < 0:
-            raise ValueError(f"memory_weight must be >= 0, got {memory_weight}")
+        if not 0 <= memory_weight <= 1:
+            raise ValueError(f"memory_weight must be in [0, 1], got {memory_weight}")
+        if not 0 <= min_score <= 1:
+            raise ValueError(f"min_score must be in [0, 1], got {min_score}")
+        self.min_score = min_score
         self.decoding_length = decoding_length
         self.branch_length = branch_length
         self.mode = mode
@@ -256,7 +266,8 @@ class TrieSession:
         return tree if d.mode == "hierarchical" else _as_branches(tree, budget)
 
     def _matches(self) -> Iterator[list[tuple[Node, float]]]:
-        """For each suffix of the context, longest first: the trie nodes it reaches, with weights."""
+        """For each suffix of the context, longest first: the trie nodes it reaches, each with
+        the probability given to that node (the trie's weight)."""
         d = self.drafter
         for m in range(min(d.match_length, len(self.recent)), 0, -1):
             query = self.recent[-m:]
@@ -272,10 +283,12 @@ class TrieSession:
         index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         tie = itertools.count()  # heap tie-breaker: earlier pushes first
         for sources in self._matches():
-            heap = [(-p, next(tie), -1, 1, token, srcs) for token, p, srcs in _children(sources, 1.0, budget)]
+            heap = [(-p, next(tie), -1, 1, token, srcs) for token, p, srcs in _children(sources, budget)]
             heapq.heapify(heap)
             while heap and len(tokens) < budget:
                 neg_p, _, parent, depth, token, srcs = heapq.heappop(heap)
+                if -neg_p < self.drafter.min_score:  # the heap is best-first: every other candidate is worse
+                    break
                 node = index.get((parent, token))
                 if node is None:  # not yet drafted from a longer match
                     node = index[(parent, token)] = len(tokens)
@@ -284,7 +297,7 @@ class TrieSession:
                     scores.append(-neg_p)
                 if depth < depth_cap:
                     room = budget - len(tokens)
-                    for child_token, p, child_srcs in _children(srcs, -neg_p, room):
+                    for child_token, p, child_srcs in _children(srcs, room):
                         heapq.heappush(heap, (-p, next(tie), node, depth + 1, child_token, child_srcs))
             if len(tokens) >= budget:
                 break
@@ -292,10 +305,10 @@ class TrieSession:
 
     def _single(self, budget: int, depth_cap: int) -> TokenTree:
         for sources in self._matches():
-            tokens, scores, p = [], [], 1.0
+            tokens, scores = [], []
             while len(tokens) < min(budget, depth_cap):
-                best = max(_children(sources, p, 1), key=lambda c: c[1], default=None)
-                if best is None:
+                best = max(_children(sources, 1), key=lambda c: c[1], default=None)
+                if best is None or best[1] < self.drafter.min_score:
                     break
                 token, p, sources = best
                 tokens.append(token)
@@ -305,16 +318,19 @@ class TrieSession:
         return TokenTree()
 
 
-def _children(sources: list[tuple[Node, float]], p_parent: float, most: int):
-    """The likeliest `most` continuations of a merged node: (token, P, merged child sources)."""
-    total = sum(w * node.count for node, w in sources)
+def _children(sources: list[tuple[Node, float]], most: int):
+    """The likeliest `most` continuations of a node found in one or more tries.
+
+    sources: (trie node, P(node) by that trie). Returns (token, P, sources of the child),
+    P being the larger of the tries' estimates.
+    """
     merged: dict[int, list[tuple[Node, float]]] = {}
-    for node, w in sources:
+    for node, p in sources:
         for token, child in (node.children or {}).items():
-            merged.setdefault(token, []).append((child, w))
-    if total <= 0 or most < 1:
+            merged.setdefault(token, []).append((child, p * child.count / node.count))
+    if most < 1:
         return []
-    scored = [(token, p_parent * sum(w * c.count for c, w in srcs) / total, srcs) for token, srcs in merged.items()]
+    scored = [(token, max(p for _, p in srcs), srcs) for token, srcs in merged.items()]
     if len(scored) > most:
         scored = heapq.nlargest(most, scored, key=lambda c: c[1])
     return scored
