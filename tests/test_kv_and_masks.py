@@ -5,11 +5,11 @@ from transformers import DynamicCache
 from conftest import tiny_config, tiny_model
 from triespec import TokenTree
 from triespec.kv import keep_path
-from triespec.masks import attention_layout, pack
+from triespec.masks import Row, attention_layout, pack
 
 
 def forward(model, pending, tree, past, cache):
-    packed = pack(pending, tree, past, model.dtype, model.config, None)
+    packed = pack([Row(pending, tree, past)], past, model.dtype, model.config, None)
     return model(input_ids=packed.input_ids, position_ids=packed.position_ids,
                  attention_mask=packed.attention_mask, past_key_values=cache, use_cache=True).logits[0]
 
@@ -63,7 +63,7 @@ def test_keep_path_rejects_unordered_positions():
 
 def test_pack_layout():
     tree = TokenTree((20, 21, 30), (-1, 0, -1))
-    packed = pack([7, 8], tree, 4, torch.float32, tiny_config("llama"))
+    packed = pack([Row([7, 8], tree, 4)], 4, torch.float32, tiny_config("llama"))
     assert packed.input_ids.tolist() == [[7, 8, 20, 21, 30]]
     # pending at 4, 5; nodes at 5 + depth
     assert packed.position_ids.tolist() == [[4, 5, 6, 7, 6]]
@@ -82,7 +82,7 @@ def test_pack_layout():
 def test_sliding_window_masks_far_positions_by_position_not_index():
     config = tiny_config("gemma3")  # window 8, mixed layers -> dict of masks
     tree = TokenTree((20, 21), (-1, 0))
-    packed = pack([7], tree, 10, torch.float32, config)
+    packed = pack([Row([7], tree, 10)], 10, torch.float32, config)
     assert set(packed.attention_mask) == {"full_attention", "sliding_attention"}
     full = packed.attention_mask["full_attention"][0, 0] == 0
     sliding = packed.attention_mask["sliding_attention"][0, 0] == 0

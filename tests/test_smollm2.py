@@ -100,3 +100,57 @@ def test_cli_bad_input_is_a_clear_error(args, message):
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+STREAM_PROMPTS = [
+    "Write the words café, naïve and 東京 and three emoji.",
+    PROMPTS["copy"],
+]
+
+
+@pytest.mark.parametrize("prompt", STREAM_PROMPTS)
+@pytest.mark.parametrize("stop", [None, ["Paris"], [" a", "\n\n"]])
+def test_stream_adds_up_to_generate(engine, prompt, stop):
+    messages = [{"role": "user", "content": prompt}]
+    pieces = list(engine.stream(messages, max_new_tokens=48, stop=stop))
+    text = engine.generate(messages, max_new_tokens=48, stop=stop).text
+    assert "".join(pieces) == text
+    assert len(pieces) > 1 or len(text) < 30  # streamed as it came, not all at the end
+    # only a generation cut off inside a character ends with a replacement character
+    assert all("\ufffd" not in piece for piece in pieces[:-1])
+
+
+def test_text_stream_never_splits_a_character(engine):
+    from triespec.engine import _TextStream
+
+    text = "naïve café 東京 🙂🎉 done"
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = _TextStream(engine.tokenizer, [])
+    pieces = [stream.push([token]) for token in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + stream.finish(text) == text
+    assert len(ids) > len(text.split())  # some characters did span several tokens
+
+
+def test_sampled_stream_and_seed(engine):
+    messages = [{"role": "user", "content": "Tell me a fun fact."}]
+    settings = dict(max_new_tokens=32, do_sample=True, temperature=0.9, top_p=0.9, seed=11)
+    text = "".join(engine.stream(messages, **settings))
+    assert text == engine.generate(messages, **settings).text
+
+
+def test_cli_streams_the_same_text(engine):
+    done = run_cli("generate", "--max-new-tokens", "24", PROMPTS["qa"])
+    assert done.returncode == 0, done.stderr
+    expected = engine.generate([{"role": "user", "content": PROMPTS["qa"]}], max_new_tokens=24)
+    assert done.stdout == expected.text + "\n"
+    assert "tokens/step" in done.stderr
+
+
+def test_loads_a_local_folder(engine):
+    from triespec.loading import _dense_copy
+    from pathlib import Path
+
+    folder = _dense_copy(Path(default_model_path()))
+    again = Engine.from_pretrained(str(folder), dtype="float32")
+    assert again.generate("Hello", max_new_tokens=8).token_ids == engine.generate("Hello", max_new_tokens=8).token_ids

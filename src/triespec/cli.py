@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
     gen.add_argument("--mode", default="hierarchical", choices=["hierarchical", "parallel", "single"])
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int, help="makes sampling reproducible")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print text, token ids and stats as one JSON object")
     args = parser.parse_args(argv)
@@ -49,13 +55,21 @@ def _generate(args) -> int:
     )
     chat = not args.raw and getattr(engine.tokenizer, "chat_template", None)
     request = [{"role": "user", "content": prompt}] if chat else prompt
-    result = engine.generate(request, max_new_tokens=args.max_new_tokens, stop=args.stop)
+    sampling = {name: getattr(args, name) for name in ("top_k", "top_p", "min_p", "repetition_penalty", "seed")
+                if getattr(args, name) is not None}
+    sampling["do_sample"] = bool(args.temperature)  # 0 means greedy, as in OpenAI's API
+    if args.temperature:
+        sampling["temperature"] = args.temperature
     if args.json:
+        result = engine.generate(request, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason, "stats": result.stats.as_dict()}))
     else:
-        print(result.text)
-        s = result.stats
+        pieces = engine.stream(request, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        s = pieces.result().stats
         print(f"[{s.new_tokens} tokens, {s.steps} steps, {s.mean_tokens_per_step:.2f} tokens/step, "
               f"{s.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
     return 0

@@ -11,11 +11,11 @@ import torch
 from transformers import DynamicCache, StopStringCriteria
 
 from .drafters import Drafter, NoDraft, TrieDrafter
-from .kv import keep_path
-from .masks import attention_layout, pack
+from .kv import keep_paths
+from .masks import Row, attention_layout, pack
 from .tree import TokenTree
 from .sampling import Sampling, TreeScores, sampling_settings
-from .verify import verify_greedy, verify_sampling
+from .verify import Verdict, verify_greedy, verify_sampling
 
 SAMPLING_ARGS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logits_processor",
                  "seed", "generator"}
@@ -116,43 +116,52 @@ class Engine:
         return ids
 
     def generate(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] | None = None, *,
-                 streamer=None, **sampling) -> Generation:
+                 streamer=None, **sampling) -> Generation | list[Generation]:
         """Generate exactly what `model.generate` would, in fewer forward passes.
 
+        `prompt`: text, token ids or chat messages; or a list of those, which are then
+        generated together, every row's tree verified in one shared forward per step
+        (returns a list, in order; each row's output is what it would be alone).
         Greedy by default (as the model's generation config says); `do_sample=True`
         with `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`,
         `logits_processor` and `seed` or `generator` samples from exactly the
         distribution `model.generate` samples from. Stops on EOS, after
         `max_new_tokens`, at the end of the context, or on a stop string (where
         transformers' `stop_strings` stops; the text is cut before the stop string, the
-        token ids are not). `streamer`: a transformers streamer (`put`/`end`), given
-        the new tokens after every step.
+        token ids are not); `max_new_tokens` may be a list, one per prompt of a batch.
+        `streamer`: a transformers streamer (`put`/`end`), given the new tokens after
+        every step (single prompts only).
         """
-        request = self._request(prompt, max_new_tokens, stop, sampling)
-        for new in request:
+        batch = _is_batch(prompt)
+        if batch and streamer is not None:
+            raise ValueError("a streamer takes one prompt, not a batch")
+        prompts = prompt if batch else [prompt]
+        limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts")
+        rows = [self._row(p, n, stop, sampling) for p, n in zip(prompts, limits)]
+        for step in _Batch(self, rows):
             if streamer is not None:
-                streamer.put(torch.tensor(new))
+                streamer.put(torch.tensor(step[0][1]))
         if streamer is not None:
             streamer.end()
-        return request.result()
+        results = [row.result() for row in rows]
+        return results if batch else results[0]
 
     def stream(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
-               **sampling) -> Iterator[str]:
-        """Yield the text as it is accepted (several tokens per step).
+               **sampling) -> Stream:
+        """Iterate over the text as it is accepted (several tokens per step).
 
         Never splits a character, and holds back text that may be the start of a stop
-        string; the pieces join to exactly `generate(...).text`.
+        string; the pieces join to exactly `generate(...).text`. Arguments are checked
+        here, before the first piece; `.result()` gives the Generation afterwards.
         """
         self._need_tokenizer("streaming text")
-        request = self._request(prompt, max_new_tokens, stop, sampling)
-        text = _TextStream(self.tokenizer, request.stops.stop)
-        for new in request:
-            if piece := text.push(new):
-                yield piece
-        if piece := text.finish(request.result().text):
-            yield piece
+        if _is_batch(prompt):
+            raise ValueError("stream takes one prompt, not a batch")
+        return Stream(self._row(prompt, max_new_tokens, stop, sampling))
 
-    def _request(self, prompt, max_new_tokens, stop, sampling: dict) -> _Request:
+    def _row(self, prompt, max_new_tokens, stop, sampling: dict) -> _Row:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         unknown = set(sampling) - SAMPLING_ARGS
@@ -160,11 +169,13 @@ class Engine:
             raise ValueError(f"unknown generation arguments {sorted(unknown)}; supported: {sorted(SAMPLING_ARGS)}")
         settings = sampling_settings(self.model.generation_config, **sampling)
         stops = _StopChecker(self.eos_ids, stop, self.tokenizer)
-        return _Request(self, self.encode(prompt), max_new_tokens, stops, settings)
+        return _Row(self, self.encode(prompt), max_new_tokens, stops, settings)
 
-    def _forward(self, pending: list[int], tree: TokenTree, past: int, cache: DynamicCache) -> torch.Tensor:
-        packed = pack(pending, tree, past, self.model.dtype, self.config, self.model.device)
-        kwargs = {"logits_to_keep": len(tree) + 1} if self._logits_to_keep else {}
+    def _forward(self, rows: list[Row], width: int, cache: DynamicCache) -> list[torch.Tensor]:
+        """One forward over every row's pending tokens and tree; each row's logits [1 + n, V]."""
+        packed = pack(rows, width, self.model.dtype, self.config, self.model.device)
+        keep = max(len(r.tree) for r in rows) + 1  # the rows are right-aligned: their logits are last
+        kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
         out = self.model(
             input_ids=packed.input_ids,
             position_ids=packed.position_ids,
@@ -173,84 +184,155 @@ class Engine:
             use_cache=True,
             **kwargs,
         )
-        return out.logits[0, -(len(tree) + 1) :].float()
+        logits = out.logits[:, -keep:].float()  # [B, keep, V]
+        return [logits[b, keep - len(r.tree) - 1 :] for b, r in enumerate(rows)]
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer: pass one to Engine, or give token ids")
 
 
-class _Request:
-    """One generation, advanced step by step: iterating yields the tokens of each step."""
+class _Row:
+    """One prompt's generation: its tokens, KV length, drafting session and stats."""
 
     def __init__(self, engine: Engine, ids: list[int], max_new_tokens: int, stops: _StopChecker, sampling: Sampling):
         self.engine, self.ids, self.stops, self.sampling = engine, ids, stops, sampling
         self.limit = min(max_new_tokens, engine.context_length - len(ids))
         self.out: list[int] = []
+        self.seq = list(ids)  # prompt + output
+        self.pending = list(ids)  # committed tokens not yet in the KV cache
+        self.past = 0  # tokens in the KV cache
         self.finish: str | None = None
         self.stats = Stats(prompt_tokens=len(ids))
-        self._steps = self._run()  # one run per request, however it is consumed
+        self.session = None
+        self.tree = TokenTree()
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def draft(self) -> None:
+        t0 = time.perf_counter()
+        if self.session is None:
+            self.session = self.engine.drafter.begin(self.ids)
+        # every token past the limit would be thrown away
+        self.tree = self.session.propose(max_nodes=self.engine.context_length, max_depth=self.limit - len(self.out) - 1)
+        self.stats.draft_time += time.perf_counter() - t0
+
+    def verify(self, logits: torch.Tensor) -> Verdict:
+        """logits: [1 + n, V] for the root and the tree's nodes."""
+        scores = TreeScores(logits, self.tree, self.seq, self.sampling.processors)
+        if not self.sampling.do_sample:
+            return verify_greedy(self.tree, scores)
+        base = len(self.seq)  # output position of the step's first token
+        return verify_sampling(self.tree, scores, lambda depth: self.sampling.at(base + depth))
+
+    def emit(self, verdict: Verdict) -> list[int]:
+        """Append the step's tokens one by one, stopping exactly where plain decoding stops."""
+        new = []
+        for token in verdict.tokens:
+            new.append(token)
+            self.seq.append(token)
+            if self.stops(self.seq):
+                self.finish = "stop"
+                break
+            if len(self.out) + len(new) >= self.limit:
+                self.finish = "length"
+                break
+        self.out += new
+        t0 = time.perf_counter()
+        self.session.learn(new)
+        self.stats.draft_time += time.perf_counter() - t0
+        self.stats.tokens_per_step.append(len(new))
+        self.stats.draft_sizes.append(len(self.tree))
+        self.stats.new_tokens = len(self.out)
+        return new
+
+    def end(self) -> None:
+        if self.session is not None:
+            self.session.end()
+            self.session = None
+        if self.finish is None:
+            self.finish = "abort"
+
+    def result(self) -> Generation:
+        return Generation(self.stops.text(self.engine.tokenizer, self.out), self.out, self.finish, self.stats)
+
+
+class _Batch:
+    """Rows decoded together: iterating runs one step (one forward) at a time and yields
+    each row's new tokens [(row, tokens), ...]; rows leave the batch when they finish."""
+
+    def __init__(self, engine: Engine, rows: list[_Row]):
+        self.engine, self.rows = engine, rows
+        self._steps = self._run()  # one run, however it is consumed
+
+    def __iter__(self) -> Iterator[list[tuple[_Row, list[int]]]]:
         return self._steps
 
     @torch.inference_mode()
-    def _run(self) -> Iterator[list[int]]:
-        engine, stats, start = self.engine, self.stats, time.perf_counter()
-        seq = list(self.ids)  # prompt + output
-        pending = list(self.ids)  # committed tokens not yet in the KV cache
-        cache, past = DynamicCache(), 0  # past: tokens in the KV cache
-        session = engine.drafter.begin(self.ids)
+    def _run(self) -> Iterator[list[tuple[_Row, list[int]]]]:
+        engine, active = self.engine, list(self.rows)
+        cache, width = DynamicCache(), 0  # width: cache length shared by the rows
+        start = time.perf_counter()
         try:
-            while self.finish is None:
-                # 1. draft: every token past the limit would be thrown away
+            while active:
+                # 1. draft, per row
+                for row in active:
+                    row.draft()
+                # 2. forward every row's pending tokens and tree together
                 t0 = time.perf_counter()
-                tree = session.propose(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
-                t1 = time.perf_counter()
-                # 2. forward the pending tokens and the tree together
-                logits = engine._forward(pending, tree, past, cache)  # [1 + n, V]
-                t2 = time.perf_counter()
-                # 3. verify: accepted draft tokens + the bonus token
-                scores = TreeScores(logits, tree, seq, self.sampling.processors)
-                if self.sampling.do_sample:
-                    base = len(seq)  # output position of the step's first token
-                    verdict = verify_sampling(tree, scores, lambda depth: self.sampling.at(base + depth))
-                else:
-                    verdict = verify_greedy(tree, scores)
-                # 4. commit the accepted path's KV, drop the rest
-                past += len(pending)
-                keep_path(cache, past, [past + i for i in verdict.nodes])
-                past += len(verdict.nodes)
-                pending = verdict.tokens[-1:]
-                # 5. emit token by token, stopping exactly where plain decoding stops
-                new = []
-                for token in verdict.tokens:
-                    new.append(token)
-                    seq.append(token)
-                    if self.stops(seq):
-                        self.finish = "stop"
-                        break
-                    if len(self.out) + len(new) >= self.limit:
-                        self.finish = "length"
-                        break
-                self.out += new
-                # 6. learn from what the model produced
-                t3 = time.perf_counter()
-                session.learn(new)
-                stats.draft_time += (t1 - t0) + (time.perf_counter() - t3)
-                stats.model_time += t2 - t1
-                stats.tokens_per_step.append(len(new))
-                stats.draft_sizes.append(len(tree))
-                stats.new_tokens = len(self.out)
-                stats.total_time = time.perf_counter() - start
-                yield new
+                logits = engine._forward([Row(r.pending, r.tree, r.past) for r in active], width, cache)
+                model_time = time.perf_counter() - t0
+                # 3. verify: accepted draft tokens + the bonus token, per row
+                verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
+                # 4. commit the accepted paths' KV, drop the rest
+                T = max(len(r.pending) + len(r.tree) for r in active)
+                kept = []
+                for row, verdict in zip(active, verdicts):
+                    new_at = width + T - len(row.pending) - len(row.tree)  # the row's first new cache entry
+                    kept.append((row.past, [new_at + i for i in range(len(row.pending))]
+                                 + [new_at + len(row.pending) + i for i in verdict.nodes]))
+                    row.past += len(row.pending) + len(verdict.nodes)
+                    row.pending = verdict.tokens[-1:]
+                width = keep_paths(cache, kept)
+                # 5. emit, stopping where plain decoding stops; 6. learn
+                step = [(row, row.emit(verdict)) for row, verdict in zip(active, verdicts)]
+                for row in active:
+                    row.stats.model_time += model_time
+                    row.stats.total_time = time.perf_counter() - start
+                done = [b for b, row in enumerate(active) if row.finish is not None]
+                if done:
+                    for b in done:
+                        active[b].end()
+                    stay = [b for b in range(len(active)) if b not in done]
+                    if stay:
+                        cache.batch_select_indices(torch.tensor(stay))
+                        active = [active[b] for b in stay]
+                        width = keep_paths(cache, [(row.past, []) for row in active])  # trim to the longest row
+                    else:
+                        active = []
+                yield step
         finally:
-            session.end()
+            for row in self.rows:
+                row.end()
+
+
+class Stream:
+    """Text pieces of one generation, as they are accepted."""
+
+    def __init__(self, row: _Row):
+        self.row = row
+        self._steps = _Batch(row.engine, [row])
+        self._text = _TextStream(row.engine.tokenizer, row.stops.stop)
+
+    def __iter__(self) -> Iterator[str]:
+        for [(_, new)] in self._steps:
+            if piece := self._text.push(new):
+                yield piece
+        if piece := self._text.finish(self.row.result().text):
+            yield piece
 
     def result(self) -> Generation:
         for _ in self._steps:  # whatever the caller has not consumed yet
             pass
-        return Generation(self.stops.text(self.engine.tokenizer, self.out), self.out, self.finish, self.stats)
+        return self.row.result()
 
 
 class _TextStream:
@@ -317,6 +399,12 @@ class _StopChecker:
         return text[: min(cuts)] if cuts else text
 
 
+def _is_batch(prompt) -> bool:
+    """A list of prompts, as opposed to one prompt given as token ids or chat messages."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt))
+
+
 def _context_length(config) -> int:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
@@ -348,7 +436,7 @@ def check_tree_attention(model) -> None:
         a, b, c = 1 % vocab, 2 % vocab, 3 % vocab
 
         def last_logits(tree: TokenTree) -> torch.Tensor:
-            packed = pack([a], tree, 0, model.dtype, config, model.device)
+            packed = pack([Row([a], tree, 0)], 0, model.dtype, config, model.device)
             out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
                         attention_mask=packed.attention_mask, past_key_values=DynamicCache(), use_cache=True)
             return out.logits[0, -1].float()

@@ -7,24 +7,35 @@ from transformers import DynamicCache
 
 
 def keep_path(cache: DynamicCache, prefix_len: int, path: list[int]) -> None:
-    """Keep the first `prefix_len` cache positions, then the positions in `path`.
+    """One row: keep the first `prefix_len` positions, then the positions in `path`.
 
-    `path` holds absolute, ascending positions >= `prefix_len` (the accepted tree nodes
+    `path` holds absolute, ascending positions >= `prefix_len` (the accepted entries
     as they were laid out in the last forward). Afterwards the cache is exactly
     `prefix_len + len(path)` long, as if only the accepted tokens had been fed.
     """
-    if any(b <= a for a, b in zip(path, path[1:])) or (path and path[0] < prefix_len):
-        raise ValueError(f"keep_path: positions must be ascending and >= {prefix_len}, got {path}")
-    new_len = prefix_len + len(path)
-    contiguous = path == list(range(prefix_len, new_len))
-    index = None if contiguous else torch.tensor(path)
+    keep_paths(cache, [(prefix_len, path)])
+
+
+def keep_paths(cache: DynamicCache, rows: list[tuple[int, list[int]]]) -> int:
+    """Every row b keeps its first `prefix_len` positions, then the positions in its `path`
+    (ascending, >= prefix_len), moved to follow the prefix. The cache is cut to the
+    longest row; shorter rows end in a hole for the mask to hide. Returns that length.
+    """
+    for prefix_len, path in rows:
+        if any(b <= a for a, b in zip(path, path[1:])) or (path and path[0] < prefix_len):
+            raise ValueError(f"keep_path: positions must be ascending and >= {prefix_len}, got {path}")
+    new_len = max(prefix_len + len(path) for prefix_len, path in rows)
+    moves = [(b, prefix_len, torch.tensor(path)) for b, (prefix_len, path) in enumerate(rows)
+             if path != list(range(prefix_len, prefix_len + len(path)))]
     for layer in cache.layers:
         if not layer.is_initialized or layer.keys.numel() == 0:
             continue
-        if index is not None:
-            # keys, values: [B, H, S, D]. Positions only move left (path[j] >= prefix_len + j),
-            # and the right-hand side is gathered before it is written.
-            layer.keys[:, :, prefix_len:new_len] = layer.keys[:, :, index.to(layer.keys.device)]
-            layer.values[:, :, prefix_len:new_len] = layer.values[:, :, index.to(layer.values.device)]
+        for b, start, index in moves:
+            # keys, values: [B, H, S, D]. Entries only move left (path[j] >= start + j), and
+            # the right-hand side is gathered before it is written.
+            end = start + len(index)
+            layer.keys[b, :, start:end] = layer.keys[b, :, index.to(layer.keys.device)]
+            layer.values[b, :, start:end] = layer.values[b, :, index.to(layer.values.device)]
         layer.keys = layer.keys[:, :, :new_len]
         layer.values = layer.values[:, :, :new_len]
+    return new_len

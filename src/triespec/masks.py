@@ -1,11 +1,16 @@
-"""Pack committed-but-uncached tokens and a draft tree into one forward pass.
+"""Pack each row's uncached tokens and draft tree into one batched forward pass.
 
-A step feeds `k >= 1` *pending* tokens (committed, not yet in the KV cache: the whole
-prompt at the first step, the last accepted token afterwards) followed by the tree's
-n nodes. Pending tokens attend causally; a node attends to the cache, to all pending
-tokens and to its own ancestors. Positions: pending tokens continue the cache, a node
-sits at (last pending position + depth). The model sees this through its public
-forward: a 4-D additive mask and explicit position ids, no patched modeling code.
+A row feeds `k >= 1` *pending* tokens (committed, not yet in the KV cache: the whole
+prompt at the first step, the last accepted token afterwards) followed by its tree's n
+nodes. Pending tokens attend causally; a node attends to the row's cache, to all its
+pending tokens and to its own ancestors. Positions: pending tokens continue the row's
+cache, a node sits at (last pending position + depth).
+
+Rows share one KV cache of `width` positions; row r's own entries are its first
+`past_r`, the rest of its width is a hole that the mask hides. Each row's new tokens
+are right-aligned in the batch (padding first), so the rows whose logits are needed are
+always the last ones. The model sees all this through its public forward: a 4-D
+additive mask and explicit position ids, no patched modeling code.
 """
 
 from __future__ import annotations
@@ -18,10 +23,18 @@ from .tree import TokenTree
 
 
 @dataclass(frozen=True)
+class Row:
+    pending: list[int]
+    tree: TokenTree
+    past: int  # this row's tokens in the cache
+
+
+@dataclass(frozen=True)
 class Packed:
-    input_ids: torch.Tensor  # [1, k + n]
-    position_ids: torch.Tensor  # [1, k + n]
-    attention_mask: torch.Tensor | dict[str, torch.Tensor]  # [1, 1, k + n, past + k + n] (per layer type)
+    input_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]  # [B, 1, T, width + T] (per layer type)
+    offsets: list[int]  # where each row's new tokens start in T (and at width + offset in the cache)
 
 
 def attention_layout(config) -> tuple[list[str], int | None]:
@@ -42,29 +55,36 @@ def attention_layout(config) -> tuple[list[str], int | None]:
     return types, window
 
 
-def pack(
-    pending: list[int], tree: TokenTree, past_len: int, dtype: torch.dtype, layout, device=None
-) -> Packed:
-    k, n = len(pending), len(tree)
-    depths = torch.tensor(tree.depths, dtype=torch.long)
-    positions = torch.cat([torch.arange(past_len, past_len + k), past_len + k - 1 + depths])  # [k + n]
-
-    # allowed[q, kv]: may query q attend to key kv?
-    allowed = torch.zeros(k + n, past_len + k + n, dtype=torch.bool)
-    allowed[:, :past_len] = True
-    allowed[:k, past_len : past_len + k] = torch.ones(k, k, dtype=torch.bool).tril()
-    allowed[k:, past_len : past_len + k] = True
-    allowed[k:, past_len + k :] = tree.ancestors
+def pack(rows: list[Row], width: int, dtype: torch.dtype, layout, device=None) -> Packed:
+    B = len(rows)
+    T = max(len(r.pending) + len(r.tree) for r in rows)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    kv_positions = torch.zeros(B, width + T, dtype=torch.long)
+    allowed = torch.zeros(B, T, width + T, dtype=torch.bool)  # may query q attend to key kv?
+    offsets = []
+    for b, row in enumerate(rows):
+        k, n, past = len(row.pending), len(row.tree), row.past
+        off = T - k - n
+        offsets.append(off)
+        pos = torch.cat([torch.arange(past, past + k), past + k - 1 + torch.tensor(row.tree.depths, dtype=torch.long)])
+        ids[b, off:] = torch.tensor(list(row.pending) + list(row.tree.tokens))
+        positions[b, off:] = pos
+        kv_positions[b, :past] = torch.arange(past)
+        kv_positions[b, width + off :] = pos
+        new = width + off  # this row's first new entry in the cache
+        allowed[b, off:, :past] = True
+        allowed[b, off : off + k, new : new + k] = torch.ones(k, k, dtype=torch.bool).tril()
+        allowed[b, off + k :, new : new + k] = True
+        allowed[b, off + k :, new + k :] = row.tree.ancestors
 
     types, window = attention_layout(layout)
-    kv_positions = torch.cat([torch.arange(past_len), positions])  # [past + k + n]
     masks = {}
     for kind in types:
         ok = allowed
         if kind == "sliding_attention" and window:
-            ok = allowed & (positions[:, None] - kv_positions[None, :] < window)
+            ok = allowed & (positions[:, :, None] - kv_positions[:, None, :] < window)
         mask = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)
-        masks[kind] = mask[None, None].to(device)
-    ids = torch.tensor([list(pending) + list(tree.tokens)], device=device)
+        masks[kind] = mask[:, None].to(device)
     mask = masks[types[0]] if len(types) == 1 else masks
-    return Packed(ids, positions[None].to(device), mask)
+    return Packed(ids.to(device), positions.to(device), mask, offsets)
