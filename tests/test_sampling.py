@@ -272,3 +272,25 @@ def test_streamer_receives_every_token():
     streamer = Collect()
     result = Engine(model).generate([4, 5, 6, 4, 5], max_new_tokens=25, streamer=streamer)
     assert streamer.tokens == result.token_ids and streamer.ended
+
+
+def test_a_users_logits_processor_applies_as_in_generate():
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class BanEvenAfterOdd(LogitsProcessor):
+        """Depends on the text so far: after an odd token, even tokens are banned."""
+
+        def __call__(self, input_ids, scores):
+            if input_ids[0, -1] % 2 == 1:
+                scores[:, ::2] = -float("inf")
+            return scores
+
+    model = make_model("llama", seed=9)
+    prompt = [3, 8, 3, 8, 3, 8, 3]
+    processors = LogitsProcessorList([BanEvenAfterOdd()])
+    expected = plain_greedy(model, prompt, 25, logits_processor=processors)
+    engine = Engine(model, decoding_length=12, branch_length=5)
+    engine.generate(prompt, max_new_tokens=25)  # memory of the unconstrained answer: drafts to reject
+    result = engine.generate(prompt, max_new_tokens=25, logits_processor=processors)
+    assert result.token_ids == expected
+    assert result.token_ids != engine.generate(prompt, max_new_tokens=25).token_ids

@@ -154,3 +154,19 @@ def test_loads_a_local_folder(engine):
     folder = _dense_copy(Path(default_model_path()))
     again = Engine.from_pretrained(str(folder), dtype="float32")
     assert again.generate("Hello", max_new_tokens=8).token_ids == engine.generate("Hello", max_new_tokens=8).token_ids
+
+
+def test_transformers_text_iterator_streamer(engine):
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    messages = [{"role": "user", "content": PROMPTS["open"]}]
+    streamer = TextIteratorStreamer(engine.tokenizer, skip_special_tokens=True)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        engine.generate(messages, max_new_tokens=40, streamer=streamer)))
+    worker.start()
+    text = "".join(streamer)
+    worker.join()
+    assert text == results[0].text

@@ -146,7 +146,7 @@ def test_learn_text_warms_the_memory():
 
 @pytest.mark.parametrize("kwargs", [
     {"decoding_length": 0}, {"branch_length": 0}, {"match_length": 0}, {"mode": "wide"},
-    {"memory_weight": -1.0}, {"max_nodes": 0}, {"decoding_length": 2.5},
+    {"memory_weight": -1.0}, {"max_nodes": 0}, {"decoding_length": 2.5}, {"min_score": 1.5}, {"smoothing": -1},
 ])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
@@ -159,14 +159,15 @@ def test_min_score_leaves_out_unlikely_nodes():
     everything = TrieDrafter(decoding_length=16, branch_length=2).begin(prompt).propose(16, 2)
     assert 4 in everything.tokens
     confident = TrieDrafter(decoding_length=16, branch_length=2, min_score=0.5).begin(prompt).propose(16, 2)
-    assert confident.tokens == (3,)  # P(3) = 4/5 (the fifth "1 2" is the one being continued)
+    assert confident.tokens == (3,)  # P(3) = 4 / (5 + 1): the fifth "1 2" is the one being continued
     assert all(s >= 0.5 for s in confident.scores)
 
 
 def test_memory_estimate_is_not_drowned_by_the_context():
-    drafter = TrieDrafter(decoding_length=8, branch_length=3, min_score=0.5)
+    drafter = TrieDrafter(decoding_length=8, branch_length=3, min_score=0.4)
     for _ in range(3):
         drafter.learn_text([1, 2, 7, 8, 9])
-    # the context has seen "1 2" once before, followed by 5; memory says 7 8 9 every time
+    # the context has seen "1 2" once before, followed by 5 (P = 1/3); memory says 7 8 9
+    # every time (P = 3/4, 9/16, 27/64)
     tree = drafter.begin([1, 2, 5, 0, 1, 2]).propose(8, 3)
     assert tree.tokens[:3] == (7, 8, 9)

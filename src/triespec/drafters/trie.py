@@ -12,7 +12,9 @@ Two tries of n-gram counts:
 Retrieval matches the last `match_length` tokens (then fewer, longest first), and
 grows the draft tree best-first by the estimated probability that a node is accepted.
 Each trie estimates it from its own counts, P(node) = P(parent) * count(node) /
-count(parent); the draft takes the larger of the two estimates. (The paper ranks by
+(count(parent) + smoothing); the draft takes the larger of the two estimates. The
+smoothing keeps a path seen once from counting as certain at every depth: a one-off
+chain decays as 2^-depth, a path seen 20 times stays near 1. (The paper ranks by
 prompt count + 1e-4 * output count instead; that drowns the memory's estimate
 whenever the context also matches, so a confident memory continuation would rank
 below a one-off in the prompt.) Because a child is never likelier than its parent,
@@ -184,6 +186,7 @@ class TrieDrafter:
     max_nodes: node budget of the memory trie shared across requests (None: unbounded).
     memory_weight: trust in the memory's estimates, which are scaled by it (1: as much
         as in the request's own context; lower: prefer the context).
+    smoothing: added to every parent count in the estimate above.
     min_score: leave out nodes whose estimated acceptance probability is below this;
         each drafted token costs compute, and on hardware where a forward's cost grows
         with the tokens fed, unlikely tokens cost more than they bring.
@@ -199,6 +202,7 @@ class TrieDrafter:
         memory_weight: float = 1.0,
         max_context_nodes: int | None = 1_000_000,
         min_score: float = 0.0,
+        smoothing: float = 1.0,
     ):
         for name, value in (("decoding_length", decoding_length), ("branch_length", branch_length),
                             ("match_length", match_length)):
@@ -211,6 +215,9 @@ class TrieDrafter:
         if not 0 <= min_score <= 1:
             raise ValueError(f"min_score must be in [0, 1], got {min_score}")
         self.min_score = min_score
+        if smoothing < 0:
+            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        self.smoothing = smoothing
         self.decoding_length = decoding_length
         self.branch_length = branch_length
         self.mode = mode
@@ -283,7 +290,7 @@ class TrieSession:
         index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         tie = itertools.count()  # heap tie-breaker: earlier pushes first
         for sources in self._matches():
-            heap = [(-p, next(tie), -1, 1, token, srcs) for token, p, srcs in _children(sources, budget)]
+            heap = [(-p, next(tie), -1, 1, token, srcs) for token, p, srcs in _children(sources, budget, self.drafter.smoothing)]
             heapq.heapify(heap)
             while heap and len(tokens) < budget:
                 neg_p, _, parent, depth, token, srcs = heapq.heappop(heap)
@@ -297,7 +304,7 @@ class TrieSession:
                     scores.append(-neg_p)
                 if depth < depth_cap:
                     room = budget - len(tokens)
-                    for child_token, p, child_srcs in _children(srcs, room):
+                    for child_token, p, child_srcs in _children(srcs, room, self.drafter.smoothing):
                         heapq.heappush(heap, (-p, next(tie), node, depth + 1, child_token, child_srcs))
             if len(tokens) >= budget:
                 break
@@ -307,7 +314,7 @@ class TrieSession:
         for sources in self._matches():
             tokens, scores = [], []
             while len(tokens) < min(budget, depth_cap):
-                best = max(_children(sources, 1), key=lambda c: c[1], default=None)
+                best = max(_children(sources, 1, self.drafter.smoothing), key=lambda c: c[1], default=None)
                 if best is None or best[1] < self.drafter.min_score:
                     break
                 token, p, sources = best
@@ -318,7 +325,7 @@ class TrieSession:
         return TokenTree()
 
 
-def _children(sources: list[tuple[Node, float]], most: int):
+def _children(sources: list[tuple[Node, float]], most: int, smoothing: float):
     """The likeliest `most` continuations of a node found in one or more tries.
 
     sources: (trie node, P(node) by that trie). Returns (token, P, sources of the child),
@@ -327,7 +334,7 @@ def _children(sources: list[tuple[Node, float]], most: int):
     merged: dict[int, list[tuple[Node, float]]] = {}
     for node, p in sources:
         for token, child in (node.children or {}).items():
-            merged.setdefault(token, []).append((child, p * child.count / node.count))
+            merged.setdefault(token, []).append((child, p * child.count / (node.count + smoothing)))
     if most < 1:
         return []
     scored = [(token, max(p for _, p in srcs), srcs) for token, srcs in merged.items()]
