@@ -158,13 +158,13 @@ def test_min_score_leaves_out_unlikely_nodes():
     prompt = [1, 2, 3, 9, 1, 2, 3, 8, 1, 2, 3, 7, 1, 2, 3, 6, 1, 2, 4, 5, 1, 2]
     everything = TrieDrafter(decoding_length=16, branch_length=2).begin(prompt).propose(16, 2)
     assert 4 in everything.tokens
-    confident = TrieDrafter(decoding_length=16, branch_length=2, min_score=0.5).begin(prompt).propose(16, 2)
+    confident = TrieDrafter(decoding_length=16, branch_length=2, min_score=0.5, smoothing=1.0).begin(prompt).propose(16, 2)
     assert confident.tokens == (3,)  # P(3) = 4 / (5 + 1): the fifth "1 2" is the one being continued
     assert all(s >= 0.5 for s in confident.scores)
 
 
 def test_memory_estimate_is_not_drowned_by_the_context():
-    drafter = TrieDrafter(decoding_length=8, branch_length=3, min_score=0.4)
+    drafter = TrieDrafter(decoding_length=8, branch_length=3, min_score=0.4, smoothing=1.0)
     for _ in range(3):
         drafter.learn_text([1, 2, 7, 8, 9])
     # the context has seen "1 2" once before, followed by 5 (P = 1/3); memory says 7 8 9

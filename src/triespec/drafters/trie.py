@@ -12,9 +12,11 @@ Two tries of n-gram counts:
 Retrieval matches the last `match_length` tokens (then fewer, longest first), and
 grows the draft tree best-first by the estimated probability that a node is accepted.
 Each trie estimates it from its own counts, P(node) = P(parent) * count(node) /
-(count(parent) + smoothing); the draft takes the larger of the two estimates. The
-smoothing keeps a path seen once from counting as certain at every depth: a one-off
-chain decays as 2^-depth, a path seen 20 times stays near 1. (The paper ranks by
+(count(parent) + smoothing); the draft takes the larger of the two estimates. A
+smoothing of 1 keeps a path seen once from counting as certain at every depth (a
+one-off chain decays as 2^-depth); it is off by default because it also discounts an
+answer seen once before, the case where copying pays most. Calibrating the estimate
+against what is actually accepted is the adaptive-budget work. (The paper ranks by
 prompt count + 1e-4 * output count instead; that drowns the memory's estimate
 whenever the context also matches, so a confident memory continuation would rank
 below a one-off in the prompt.) Because a child is never likelier than its parent,
@@ -202,7 +204,7 @@ class TrieDrafter:
         memory_weight: float = 1.0,
         max_context_nodes: int | None = 1_000_000,
         min_score: float = 0.0,
-        smoothing: float = 1.0,
+        smoothing: float = 0.0,
     ):
         for name, value in (("decoding_length", decoding_length), ("branch_length", branch_length),
                             ("match_length", match_length)):
