@@ -62,7 +62,7 @@ class Stats:
 class Generation:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens or the context)
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_new_tokens or the context), "abort"
     stats: Stats
 
 
@@ -171,8 +171,11 @@ class Engine:
         stops = _StopChecker(self.eos_ids, stop, self.tokenizer)
         return _Row(self, self.encode(prompt), max_new_tokens, stops, settings)
 
-    def _forward(self, rows: list[Row], width: int, cache: DynamicCache) -> list[torch.Tensor]:
-        """One forward over every row's pending tokens and tree; each row's logits [1 + n, V]."""
+    def _forward(self, rows: list[Row], width: int, cache: DynamicCache) -> tuple[list[torch.Tensor], list[int]]:
+        """One forward over every row's pending tokens and tree.
+
+        Returns each row's logits [1 + n, V] and where its new entries start in the
+        cache (the layout `pack` chose)."""
         packed = pack(rows, width, self.model.dtype, self.config, self.model.device)
         keep = max(len(r.tree) for r in rows) + 1  # the rows are right-aligned: their logits are last
         kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
@@ -185,7 +188,8 @@ class Engine:
             **kwargs,
         )
         logits = out.logits[:, -keep:].float()  # [B, keep, V]
-        return [logits[b, keep - len(r.tree) - 1 :] for b, r in enumerate(rows)]
+        starts = [width + offset for offset in packed.offsets]
+        return [logits[b, keep - len(r.tree) - 1 :] for b, r in enumerate(rows)], starts
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
@@ -278,17 +282,15 @@ class _Batch:
                     row.draft()
                 # 2. forward every row's pending tokens and tree together
                 t0 = time.perf_counter()
-                logits = engine._forward([Row(r.pending, r.tree, r.past) for r in active], width, cache)
+                logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], width, cache)
                 model_time = time.perf_counter() - t0
                 # 3. verify: accepted draft tokens + the bonus token, per row
                 verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
                 # 4. commit the accepted paths' KV, drop the rest
-                T = max(len(r.pending) + len(r.tree) for r in active)
                 kept = []
-                for row, verdict in zip(active, verdicts):
-                    new_at = width + T - len(row.pending) - len(row.tree)  # the row's first new cache entry
-                    kept.append((row.past, [new_at + i for i in range(len(row.pending))]
-                                 + [new_at + len(row.pending) + i for i in verdict.nodes]))
+                for row, verdict, first in zip(active, verdicts, starts):  # first: the row's first new entry
+                    kept.append((row.past, [first + i for i in range(len(row.pending))]
+                                 + [first + len(row.pending) + i for i in verdict.nodes]))
                     row.past += len(row.pending) + len(verdict.nodes)
                     row.pending = verdict.tokens[-1:]
                 width = keep_paths(cache, kept)

@@ -114,5 +114,10 @@ def _dense_copy(gguf: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(target)  # atomic: a half-written copy is never used
+    try:
+        tmp.replace(target)  # atomic: a half-written copy is never used
+    except OSError:  # another process finished the same copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     return target

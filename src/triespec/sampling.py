@@ -43,7 +43,7 @@ def sampling_settings(generation_config, do_sample=None, temperature=None, top_k
     do_sample = bool(pick(do_sample, "do_sample"))
     temperature, top_k, top_p = pick(temperature, "temperature"), pick(top_k, "top_k"), pick(top_p, "top_p")
     min_p, penalty = pick(min_p, "min_p"), pick(repetition_penalty, "repetition_penalty")
-    if temperature is not None and not temperature > 0:
+    if do_sample and temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
