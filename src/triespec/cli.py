@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--decoding-length", type=int, default=32, help="most draft tokens verified per step")
     gen.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
     gen.add_argument("--mode", default="hierarchical", choices=["hierarchical", "parallel", "single"])
+    gen.add_argument("--adaptive", action="store_true",
+                     help="experimental: cut each draft to the size that pays on this machine (measured at start)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
     gen.add_argument("--top-k", type=int)
@@ -52,6 +54,7 @@ def _generate(args) -> int:
         decoding_length=args.decoding_length,
         branch_length=args.branch_length,
         mode=args.mode,
+        adaptive=args.adaptive,
     )
     chat = not args.raw and getattr(engine.tokenizer, "chat_template", None)
     request = [{"role": "user", "content": prompt}] if chat else prompt

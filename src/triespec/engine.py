@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
+from .budget import Calibration, CostModel, best_size, label
 from .drafters import Drafter, NoDraft, TrieDrafter
 from .kv import keep_paths
 from .masks import Row, attention_layout, pack
@@ -71,9 +72,12 @@ class Engine:
 
     Engine(model, tokenizer, decoding_length=32, branch_length=12, mode="hierarchical", ...)
     builds a TrieDrafter from the keyword arguments; pass `drafter=` for another one.
+    adaptive=True (experimental) measures this machine's forward cost at start-up and
+    cuts each tree to the size with the best expected tokens per second, down to none.
     """
 
-    def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, **drafter_config):
+    def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, adaptive: bool = False,
+                 **drafter_config):
         if drafter is not None and drafter_config:
             raise ValueError(f"pass either drafter= or drafter settings, not both (got {sorted(drafter_config)})")
         self.model = model
@@ -85,6 +89,12 @@ class Engine:
         self.eos_ids = _eos_ids(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         check_tree_attention(model)
+        # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
+        self.cost = self.calibration = None
+        if adaptive:
+            most = getattr(self.drafter, "decoding_length", 64) + 1
+            self.cost = CostModel.measure(model, self.config, most)
+            self.calibration = Calibration()
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None, **config):
@@ -210,14 +220,32 @@ class _Row:
         self.stats = Stats(prompt_tokens=len(ids))
         self.session = None
         self.tree = TokenTree()
+        self.watch: list[tuple[int, TokenTree]] = []  # proposed trees waiting to be scored
 
     def draft(self) -> None:
         t0 = time.perf_counter()
+        engine = self.engine
         if self.session is None:
-            self.session = self.engine.drafter.begin(self.ids)
+            self.session = engine.drafter.begin(self.ids)
         # every token past the limit would be thrown away
-        self.tree = self.session.propose(max_nodes=self.engine.context_length, max_depth=self.limit - len(self.out) - 1)
+        tree = self.session.propose(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
+        if engine.cost is not None and tree.scores is not None and len(tree):
+            self.watch.append((len(self.seq), tree))
+            tree = tree.prefix(max_nodes=best_size(tree, len(self.pending), engine.cost, engine.calibration))
+        self.tree = tree
         self.stats.draft_time += time.perf_counter() - t0
+
+    def _score_watched(self) -> None:
+        """Teach the calibration what became of every proposed tree, verified or cut."""
+        waiting = []
+        for start, tree in self.watch:
+            realized = self.seq[start:]
+            if len(realized) >= tree.depth or self.finish is not None:
+                for node, accepted in label(tree, realized):
+                    self.engine.calibration.observe(tree.scores[node], accepted)
+            else:
+                waiting.append((start, tree))
+        self.watch = waiting
 
     def verify(self, logits: torch.Tensor) -> Verdict:
         """logits: [1 + n, V] for the root and the tree's nodes."""
@@ -241,6 +269,8 @@ class _Row:
                 break
         self.out += new
         t0 = time.perf_counter()
+        if self.watch:
+            self._score_watched()
         self.session.learn(new)
         self.stats.draft_time += time.perf_counter() - t0
         self.stats.tokens_per_step.append(len(new))
@@ -284,6 +314,8 @@ class _Batch:
                 t0 = time.perf_counter()
                 logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], width, cache)
                 model_time = time.perf_counter() - t0
+                if engine.cost is not None and len(active) == 1:
+                    engine.cost.observe(len(active[0].pending) + len(active[0].tree), model_time)
                 # 3. verify: accepted draft tokens + the bonus token, per row
                 verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
                 # 4. commit the accepted paths' KV, drop the rest
