@@ -57,17 +57,19 @@ def main():
     parser.add_argument("--decoding-length", type=int, default=32)
     parser.add_argument("--branch-length", type=int, default=12)
     parser.add_argument("--min-score", type=float, default=0.0)
+    parser.add_argument("--adaptive", action="store_true", help="cut each tree to the size that pays (experimental)")
     args = parser.parse_args()
 
     model, tokenizer = load(args.model or default_model_path(), dtype=args.dtype)
     engine = Engine(model, tokenizer, decoding_length=args.decoding_length, branch_length=args.branch_length,
-                    min_score=args.min_score)
+                    min_score=args.min_score, adaptive=args.adaptive)
     warm = engine.encode([{"role": "user", "content": "Hello"}])
     plain_generate(model, warm, 8)
     Engine(model, tokenizer).generate(warm, max_new_tokens=8)
 
     print(f"model {args.model or 'SmolLM2-135M-Instruct'}  dtype {args.dtype}  torch threads {torch.get_num_threads()}  "
-          f"decoding_length {args.decoding_length}  branch_length {args.branch_length}  min_score {args.min_score}")
+          f"decoding_length {args.decoding_length}  branch_length {args.branch_length}  min_score {args.min_score}  "
+          f"adaptive {args.adaptive}")
     print(f"{'prompt':<12} {'run':<6} {'tokens':>6} {'plain tok/s':>11} {'triespec tok/s':>14} {'speedup':>8} "
           f"{'tokens/step':>11} {'same':>5}")
     totals = {"plain": 0.0, "first": 0.0, "second": 0.0, "tokens": 0}
