@@ -17,10 +17,7 @@ import torch
 from triespec import Engine
 from triespec.loading import default_model_path, load
 
-try:
-    from speed import PROMPTS  # run from the repository root: python scripts/batch_speed.py
-except ImportError:  # pragma: no cover
-    from scripts.speed import PROMPTS
+from speed import PROMPTS  # scripts/ is on the path when run as python scripts/batch_speed.py
 
 QUESTIONS = [
     "What is the boiling point of water at sea level?",

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from .kv import keep_paths
-from .masks import Row, pack
+from .masks import Row, forward, pack
 from .tree import TokenTree
 
 
@@ -68,8 +68,7 @@ class CostModel:
                 packed = pack([Row([1], TokenTree.chain([1] * (size - 1)), context)], context, model.dtype,
                               config, model.device)
                 start = time.perf_counter()
-                model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                      attention_mask=packed.attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=size)
+                forward(model, packed, cache, logits_to_keep=size)
                 best = min(best, time.perf_counter() - start)
                 keep_paths(cache, [(context, [])])  # back to the context alone
             seconds.append(best)

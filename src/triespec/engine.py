@@ -13,7 +13,7 @@ from transformers import DynamicCache, StopStringCriteria
 from .budget import Calibration, CostModel, best_size, label
 from .drafters import Drafter, NoDraft, TrieDrafter
 from .kv import keep_paths
-from .masks import Row, attention_layout, pack
+from .masks import Row, attention_layout, forward, pack
 from .tree import TokenTree
 from .sampling import Sampling, TreeScores, sampling_settings
 from .verify import Verdict, verify_greedy, verify_sampling
@@ -189,14 +189,7 @@ class Engine:
         packed = pack(rows, width, self.model.dtype, self.config, self.model.device)
         keep = max(len(r.tree) for r in rows) + 1  # the rows are right-aligned: their logits are last
         kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
-        out = self.model(
-            input_ids=packed.input_ids,
-            position_ids=packed.position_ids,
-            attention_mask=packed.attention_mask,
-            past_key_values=cache,
-            use_cache=True,
-            **kwargs,
-        )
+        out = forward(self.model, packed, cache, **kwargs)
         logits = out.logits[:, -keep:].float()  # [B, keep, V]
         starts = [width + offset for offset in packed.offsets]
         return [logits[b, keep - len(r.tree) - 1 :] for b, r in enumerate(rows)], starts
@@ -471,9 +464,7 @@ def check_tree_attention(model) -> None:
 
         def last_logits(tree: TokenTree) -> torch.Tensor:
             packed = pack([Row([a], tree, 0)], 0, model.dtype, config, model.device)
-            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                        attention_mask=packed.attention_mask, past_key_values=DynamicCache(), use_cache=True)
-            return out.logits[0, -1].float()
+            return forward(model, packed, DynamicCache()).logits[0, -1].float()
 
         tree_logits = last_logits(TokenTree((b, c), (-1, -1)))
         chain_logits = last_logits(TokenTree.chain([c]))

@@ -88,3 +88,9 @@ def pack(rows: list[Row], width: int, dtype: torch.dtype, layout, device=None) -
         masks[kind] = mask[:, None].to(device)
     mask = masks[types[0]] if len(types) == 1 else masks
     return Packed(ids.to(device), positions.to(device), mask, offsets)
+
+
+def forward(model, packed: Packed, cache, **kwargs):
+    """The model's ordinary forward over a packed batch, appending to `cache`."""
+    return model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                 attention_mask=packed.attention_mask, past_key_values=cache, use_cache=True, **kwargs)

@@ -216,9 +216,9 @@ class TrieDrafter:
             raise ValueError(f"memory_weight must be in [0, 1], got {memory_weight}")
         if not 0 <= min_score <= 1:
             raise ValueError(f"min_score must be in [0, 1], got {min_score}")
-        self.min_score = min_score
         if smoothing < 0:
             raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        self.min_score = min_score
         self.smoothing = smoothing
         self.decoding_length = decoding_length
         self.branch_length = branch_length
