@@ -1,4 +1,4 @@
-"""Command line: `triespec generate [PROMPT]`."""
+"""Command line: `triespec generate [PROMPT]`, `triespec bench`."""
 
 from __future__ import annotations
 
@@ -29,9 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, help="makes sampling reproducible")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print text, token ids and stats as one JSON object")
+    bench = commands.add_parser("bench", help="benchmark methods x workloads side by side (see docs/benchmarks.md)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_methods_help())
+    bench.add_argument("--model", help="a name from `triespec models`, hub id, folder or .gguf (default: SmolLM2)")
+    bench.add_argument("--dtype", default="float32")
+    bench.add_argument("--draft-model", help="draft model for assisted, model and hybrid methods")
+    bench.add_argument("--workloads", help="comma-separated (default: code,chat,summarize,qa,open)")
+    bench.add_argument("--methods", help="comma-separated method specs (default: see below)")
+    bench.add_argument("--n", type=int, help="eval tasks per workload (default 5; --quick: 2)")
+    bench.add_argument("--warm-n", type=int, help="warm-split tasks per workload (default: --n)")
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--quick", action="store_true", help="2 tasks per workload: minutes, not hours")
+    bench.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "bench":
+            return _bench(args, argv)
         return _generate(args)
     except ValueError as e:
         print(f"triespec: error: {e}", file=sys.stderr)
@@ -76,6 +90,42 @@ def _generate(args) -> int:
         print(f"[{s.new_tokens} tokens, {s.steps} steps, {s.mean_tokens_per_step:.2f} tokens/step, "
               f"{s.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def _bench(args, argv) -> int:
+    import shlex
+
+    from .bench import harness, report
+
+    config = harness.Config(
+        model=args.model,
+        dtype=args.dtype,
+        draft_model=args.draft_model,
+        n=args.n or (2 if args.quick else 5),
+        n_warm=args.warm_n,
+        max_new_tokens=args.max_new_tokens,
+        **({"workloads": _csv(args.workloads)} if args.workloads else {}),
+        methods=_csv(args.methods) if args.methods else None,
+    )
+    harness.check(config)  # before loading anything
+    _quiet_transformers()
+    results = harness.run(config, log=lambda msg: print(msg, file=sys.stderr))
+    command = "triespec " + shlex.join(sys.argv[1:] if argv is None else argv)
+    paths = report.write(results, args.out, command)
+    print(paths["markdown"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _methods_help() -> str:
+    from .bench import methods
+
+    return (methods.__doc__.split("\n\n", 1)[1] + "\ndefault methods: " + ", ".join(methods.DEFAULT)
+            + " (+ " + ", ".join(methods.WITH_DRAFT_MODEL) + " with --draft-model)")
 
 
 def _quiet_transformers() -> None:

@@ -1,0 +1,298 @@
+"""Run methods over workloads with one model, interleaved prompt by prompt.
+
+For each workload: load its eval tasks (and, when a method warms, the warm split and
+the model's own answers to it), build every method fresh, then for each task and turn
+run every method in turn, rotating their order from task to task, so machine drift
+and order effects fall on all methods alike. Multi-turn tasks carry each method's own
+earlier answers. Every call is recorded raw; `summarise` turns records into figures.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+
+from . import methods as M
+
+ORACLE_DEPTH = 12  # the deepest branch the oracle may accept per step: triespec's default branch length
+
+
+@dataclass
+class Config:
+    model: str | None = None  # a name from `triespec models`, a hub id, a folder or a .gguf; None: SmolLM2
+    dtype: str = "float32"
+    workloads: tuple[str, ...] = ("code", "chat", "summarize", "qa", "open")
+    methods: tuple[str, ...] | None = None  # None: methods.DEFAULT (+ WITH_DRAFT_MODEL given a draft model)
+    n: int = 5  # eval tasks per workload
+    n_warm: int | None = None  # warm tasks per workload (None: n)
+    max_new_tokens: int = 128
+    draft_model: str | None = None
+
+    def method_names(self) -> tuple[str, ...]:
+        if self.methods:
+            return tuple(self.methods)
+        return M.DEFAULT + (M.WITH_DRAFT_MODEL if self.draft_model else ())
+
+
+@dataclass
+class Record:
+    workload: str
+    task: str
+    turn: int
+    method: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    tokens_per_step: list[int]
+    draft_seconds: float
+    peak_mb: float  # resident memory above the level before the call
+    token_ids: list[int] = field(repr=False)
+
+
+def check(config: Config) -> list[M.Spec]:
+    """Validate everything that can be checked before loading a model."""
+    from .workloads import WORKLOADS
+
+    if config.n < 1 or (config.n_warm is not None and config.n_warm < 1):
+        raise ValueError("n and n_warm must be >= 1")
+    if config.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    unknown = [w for w in config.workloads if w not in WORKLOADS]
+    if unknown or not config.workloads:
+        raise ValueError(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    specs = [M.parse(name) for name in config.method_names()]
+    if M.PLAIN not in [s.name for s in specs]:
+        raise ValueError("the methods must include 'plain': every speed-up is measured against it")
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError("a method is listed twice")
+    if any(s.needs_draft_model for s in specs) and not config.draft_model:
+        raise ValueError(f"methods {[s.name for s in specs if s.needs_draft_model]} need --draft-model")
+    return specs
+
+
+def run(config: Config, log=print, progress: bool = True) -> dict:
+    """Run the benchmark; returns {"config", "machine", "records", "oracle", "summary"}."""
+    from tqdm.auto import tqdm
+
+    from . import workloads as W
+
+    specs = check(config)
+    model, tokenizer = _load(config.model, config.dtype, log)
+    draft = _load(config.draft_model, config.dtype, log)[0] if config.draft_model else None
+    _warm_up(model, tokenizer)
+    n_warm = config.n_warm or config.n
+    plan = {w: W.load(w, config.n, "eval", log=log) for w in config.workloads}
+    total = sum(len(t.turns) for tasks in plan.values() for t in tasks) * len(specs)
+    bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
+    records: list[Record] = []
+    oracle: dict[str, dict] = {}
+    for workload, tasks in plan.items():
+        corpus = []  # the model's own answers to the warm split: what a warmed memory holds
+        if any(s.warm for s in specs):
+            warm_tasks = W.load(workload, n_warm, "warm", log=log)
+            log(f"{workload}: answering {len(warm_tasks)} warm-split tasks to warm the trie")
+            corpus = _answers(model, tokenizer, warm_tasks, config.max_new_tokens)
+        runners = {s.name: M.build(s, model, tokenizer, draft) for s in specs}
+        for runner in runners.values():
+            runner.prepare(corpus)
+        history = {s.name: [] for s in specs}  # (task_id, turn) -> messages, per method
+        for i, task in enumerate(tasks):
+            order = specs[i % len(specs):] + specs[: i % len(specs)]
+            chats = {s.name: [] for s in specs}
+            for turn, text in enumerate(task.turns):
+                for spec in order:
+                    chats[spec.name].append({"role": "user", "content": text})
+                    ids = _chat_ids(tokenizer, chats[spec.name])
+                    out, peak = _measure(lambda: runners[spec.name].run(ids, config.max_new_tokens))
+                    chats[spec.name].append({"role": "assistant", "content": _decode(tokenizer, out.token_ids)})
+                    history[spec.name].append((ids, out.token_ids))
+                    records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
+                                          out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids))
+                    bar.update()
+        oracle[workload] = {
+            "cold": copy_oracle(history[M.PLAIN], []),
+            "warm": copy_oracle(history[M.PLAIN], corpus),
+        }
+    bar.close()
+    results = {
+        "config": {**asdict(config), "methods": list(config.method_names())},
+        "machine": machine(),
+        "oracle": oracle,
+        "records": [asdict(r) for r in records],
+    }
+    results["summary"] = summarise(results)
+    return results
+
+
+def copy_oracle(generations: list[tuple[list[int], list[int]]], corpus: list[list[int]],
+                depth: int = ORACLE_DEPTH) -> dict:
+    """Tokens per step of a perfect retrieval drafter, on the reference outputs.
+
+    At each step it accepts the longest continuation (up to `depth` tokens) that occurs
+    anywhere in what a retrieval drafter may read: the prompt, the output so far, the
+    earlier outputs of the run and the warm corpus; plus the bonus token.
+    generations: [(prompt ids, output ids)] in run order.
+    """
+    memory: list[set] = [set() for _ in range(depth + 1)]  # memory[L]: every L-gram of past outputs
+
+    def read(grams: list[set], ids: list[int]) -> None:
+        for L in range(1, depth + 1):
+            grams[L].update(tuple(ids[i : i + L]) for i in range(len(ids) - L + 1))
+
+    for text in corpus:
+        read(memory, text)
+    steps = tokens = 0
+    for prompt, output in generations:
+        seen = [set(g) for g in memory]
+        read(seen, prompt)
+        i = 0
+        while i < len(output):
+            L = 0
+            while L < depth and i + L < len(output) and tuple(output[i : i + L + 1]) in seen[L + 1]:
+                L += 1
+            advance = min(L + 1, len(output) - i)
+            # the output so far becomes readable (with the prompt's end, for n-grams across the seam)
+            read(seen, (prompt[-depth:] + output[: i + advance])[-(advance + depth):])
+            i += advance
+            steps += 1
+        tokens += len(output)
+        read(memory, output)
+    return {"tokens_per_step": tokens / max(steps, 1), "depth": depth}
+
+
+def summarise(results: dict) -> dict:
+    """Per workload and method: the figures of the report."""
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for r in results["records"]:
+        by_key.setdefault((r["workload"], r["method"]), []).append(r)
+    summary: dict[str, dict] = {}
+    for (workload, method), rows in by_key.items():
+        plain = {(r["task"], r["turn"]): r for r in by_key[(workload, M.PLAIN)]}
+        tokens = sum(r["new_tokens"] for r in rows)
+        seconds = sum(r["seconds"] for r in rows)
+        steps = [s for r in rows for s in r["tokens_per_step"]]
+        plain_tokens = sum(plain[(r["task"], r["turn"])]["new_tokens"] for r in rows)
+        plain_seconds = sum(plain[(r["task"], r["turn"])]["seconds"] for r in rows)
+        per_prompt = [_tps(r) / _tps(plain[(r["task"], r["turn"])]) for r in rows]
+        same = [r["token_ids"] == plain[(r["task"], r["turn"])]["token_ids"] for r in rows]
+        spec = M.parse(method)
+        bound = results["oracle"][workload]["warm" if spec.warm else "cold"]["tokens_per_step"]
+        mean_step = tokens / max(len(steps), 1)
+        summary.setdefault(workload, {})[method] = {
+            "generations": len(rows),
+            "tokens": tokens,
+            "tokens_per_second": round(tokens / seconds, 3),
+            "speedup": round((tokens / seconds) / (plain_tokens / plain_seconds), 3),
+            "speedup_median": round(statistics.median(per_prompt), 3),
+            "tokens_per_step": round(mean_step, 3),
+            "step_histogram": dict(sorted(Counter(steps).items())),
+            "draft_share": round(sum(r["draft_seconds"] for r in rows) / seconds, 3),
+            "peak_mb": round(max(r["peak_mb"] for r in rows), 1),
+            "agreement": round(sum(same) / len(same), 3),
+            "oracle_tokens_per_step": round(bound, 3),
+            # accepted draft tokens per step (the bonus token is free), as a share of the oracle's
+            "oracle_share": round((mean_step - 1) / (bound - 1), 3) if bound > 1 else None,
+        }
+    return summary
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _tps(record: dict) -> float:
+    return record["new_tokens"] / record["seconds"]
+
+
+def _load(name: str | None, dtype: str, log):
+    from ..loading import default_model_path, load
+    from . import models
+
+    if name is None:
+        path = default_model_path()
+    elif name in models.MODELS:
+        path = models.dense(name, log=log)
+    else:
+        path = name
+    log(f"loading {name or 'SmolLM2-135M-Instruct (default)'} in {dtype}")
+    return load(path, dtype=dtype)
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]  # a base model: the plain text
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _answers(model, tokenizer, tasks, max_new_tokens: int) -> list[list[int]]:
+    """The model's own greedy answers to every turn of `tasks` (token ids)."""
+    engine = M.Triespec(M.parse("trie"), model, tokenizer)
+    answers = []
+    for task in tasks:
+        chat = []
+        for text in task.turns:
+            chat.append({"role": "user", "content": text})
+            out = engine.run(_chat_ids(tokenizer, chat), max_new_tokens).token_ids
+            chat.append({"role": "assistant", "content": _decode(tokenizer, out)})
+            answers.append(out)
+    return answers
+
+
+def _warm_up(model, tokenizer) -> None:
+    """One short untimed generation each way, so first-call costs are not measured."""
+    ids = _chat_ids(tokenizer, [{"role": "user", "content": "Say hello."}])
+    M.Generate(M.parse("plain"), model).run(ids, 4)
+    M.Triespec(M.parse("trie"), model, tokenizer).run(ids + ids, 4)
+
+
+def _measure(call):
+    """Run `call`, sampling resident memory every 5 ms; returns (result, peak MB above the start)."""
+    process = psutil.Process()
+    start = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.wait(0.005):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = call()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, process.memory_info().rss)
+    return result, (peak - start) / 2**20

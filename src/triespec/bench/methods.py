@@ -1,0 +1,173 @@
+"""What the harness compares: plain decoding, transformers' own speculation, triespec.
+
+A method is named by a spec string:
+
+    plain              model.generate, greedy
+    prompt-lookup      model.generate(prompt_lookup_num_tokens=10), transformers' n-gram lookup
+    assisted           model.generate(assistant_model=draft), transformers' assisted decoding
+    trie[:opts]        triespec with the Lookahead trie
+    model[:opts]       triespec with the draft model's token trees (SpecInfer)
+    hybrid[:opts]      triespec with the trie and the draft model merged
+
+opts, separated by ':': `warm` (the trie memory first learns the model's own answers to
+a disjoint split of the workload, the Lookahead paper's protocol), `adaptive`,
+`hierarchical|parallel|single`, `dl=N` (decoding length), `bl=N` (branch length).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+PLAIN = "plain"
+TRANSFORMERS = {
+    "plain": {},
+    "prompt-lookup": {"prompt_lookup_num_tokens": 10},
+    "assisted": {},  # assistant_model added when built
+}
+TRIESPEC = ("trie", "model", "hybrid")
+DEFAULT = ("plain", "prompt-lookup", "trie", "trie:warm", "trie:parallel:warm")
+WITH_DRAFT_MODEL = ("assisted", "model", "hybrid", "hybrid:warm")
+MODES = ("hierarchical", "parallel", "single")
+
+
+@dataclass
+class Output:
+    token_ids: list[int]
+    seconds: float  # wall clock of the whole call
+    tokens_per_step: list[int]  # tokens each target forward yielded (accepted + bonus)
+    draft_seconds: float = 0.0  # time spent drafting, where the method reports it
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    base: str
+    warm: bool = False
+    adaptive: bool = False
+    drafter: dict = field(default_factory=dict)  # TrieDrafter settings
+
+    @property
+    def needs_draft_model(self) -> bool:
+        return self.base in ("assisted", "model", "hybrid")
+
+
+def parse(name: str) -> Spec:
+    base, *opts = name.strip().split(":")
+    if base in TRANSFORMERS:
+        if opts:
+            raise ValueError(f"method {name!r}: {base} takes no options")
+        return Spec(name, base)
+    if base not in TRIESPEC:
+        raise ValueError(f"unknown method {name!r}; use {', '.join([*TRANSFORMERS, *TRIESPEC])} (see triespec bench --help)")
+    warm = adaptive = False
+    drafter: dict = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if opt == "warm":
+            warm = True
+        elif opt == "adaptive":
+            adaptive = True
+        elif opt in MODES:
+            drafter["mode"] = opt
+        elif key in ("dl", "bl") and value.isdigit() and int(value) > 0:
+            drafter["decoding_length" if key == "dl" else "branch_length"] = int(value)
+        else:
+            raise ValueError(f"method {name!r}: unknown option {opt!r} (warm, adaptive, {'|'.join(MODES)}, dl=N, bl=N)")
+    return Spec(name, base, warm, adaptive, drafter)
+
+
+class Generate:
+    """`model.generate`, plain or with transformers' own speculation.
+
+    Steps are counted by a hook on the target's forward: each call after the prefill
+    feeds [last token, candidates...] on top of a cache that holds everything before
+    the last token, so the cache lengths seen by consecutive calls give the tokens each
+    forward yielded.
+    """
+
+    def __init__(self, spec: Spec, model, draft_model=None):
+        self.spec, self.model = spec, model
+        self.kwargs = dict(TRANSFORMERS[spec.base])
+        if spec.base == "assisted":
+            if draft_model is None:
+                raise ValueError("method 'assisted' needs a draft model (--draft-model)")
+            self.kwargs["assistant_model"] = draft_model
+
+    def prepare(self, corpus: list[list[int]]) -> None:
+        pass  # nothing to warm
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], max_new_tokens: int) -> Output:
+        cached: list[int] = []  # cache length at each target forward
+
+        def record(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            cached.append(cache.get_seq_length() if cache is not None else 0)
+
+        hook = self.model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            x = torch.tensor([ids], device=self.model.device)
+            t0 = time.perf_counter()
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                      do_sample=False, **self.kwargs)
+            seconds = time.perf_counter() - t0
+        finally:
+            hook.remove()
+        new = out[0, len(ids):].tolist()
+        # known length after each forward: cache + the one pending token; the last: the output
+        bounds = [len(ids)] + [c + 1 for c in cached[1:]] + [len(ids) + len(new)]
+        steps = [b - a for a, b in zip(bounds, bounds[1:])]
+        return Output(new, seconds, [s for s in steps if s > 0])
+
+
+class Triespec:
+    """triespec's Engine with one drafter configuration; a fresh drafter memory per workload."""
+
+    def __init__(self, spec: Spec, model, tokenizer, draft_model=None):
+        from ..engine import Engine
+
+        self.spec = spec
+        self.engine = Engine(model, tokenizer, drafter=_drafter(spec, draft_model), adaptive=spec.adaptive)
+
+    def prepare(self, corpus: list[list[int]]) -> None:
+        """Warm the memory with past answers (token ids), when the spec says so."""
+        if not self.spec.warm:
+            return
+        learn = getattr(self.engine.drafter, "learn_text", None)
+        if learn is None:
+            raise ValueError(f"method {self.spec.name!r}: its drafter has no memory to warm")
+        for answer in corpus:
+            learn(answer)
+
+    def run(self, ids: list[int], max_new_tokens: int) -> Output:
+        t0 = time.perf_counter()
+        result = self.engine.generate(ids, max_new_tokens=max_new_tokens)
+        seconds = time.perf_counter() - t0
+        return Output(result.token_ids, seconds, list(result.stats.tokens_per_step), result.stats.draft_time)
+
+
+def build(spec: Spec, model, tokenizer, draft_model=None):
+    if spec.needs_draft_model and draft_model is None:
+        raise ValueError(f"method {spec.name!r} needs a draft model (--draft-model)")
+    if spec.base in TRANSFORMERS:
+        return Generate(spec, model, draft_model)
+    return Triespec(spec, model, tokenizer, draft_model)
+
+
+def _drafter(spec: Spec, draft_model):
+    from ..drafters import TrieDrafter
+
+    if spec.base == "trie":
+        return TrieDrafter(**spec.drafter)
+    try:
+        from ..drafters import MergedDrafter, ModelDrafter
+    except ImportError as e:
+        raise ValueError(f"method {spec.name!r}: this build of triespec has no model drafter") from e
+    if spec.base == "model":
+        if spec.drafter:
+            raise ValueError(f"method {spec.name!r}: trie options do not apply to the model drafter")
+        return ModelDrafter(draft_model)
+    return MergedDrafter([TrieDrafter(**spec.drafter), ModelDrafter(draft_model)])

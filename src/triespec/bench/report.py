@@ -1,0 +1,116 @@
+"""Write a benchmark's results: raw JSON, a Markdown table, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+COLUMNS = [  # (summary key, header, format)
+    ("tokens_per_second", "tok/s", "{:.2f}"),
+    ("speedup", "speedup", "{:.2f}×"),
+    ("speedup_median", "median", "{:.2f}×"),
+    ("tokens_per_step", "tok/step", "{:.2f}"),
+    ("oracle_share", "of oracle", "{:.0%}"),
+    ("draft_share", "drafting", "{:.0%}"),
+    ("peak_mb", "peak MB", "{:.0f}"),
+    ("agreement", "= plain", "{:.0%}"),
+]
+
+
+def write(results: dict, out: str | os.PathLike, command: str = "") -> dict[str, Path]:
+    """Write results.json, results.md, speedup.png and steps.png into `out`; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md",
+             "speedup": out / "speedup.png", "steps": out / "steps.png"}
+    paths["json"].write_text(json.dumps(results, indent=1))
+    paths["markdown"].write_text(markdown(results, command, plots=("speedup.png", "steps.png")))
+    plot_speedup(results, paths["speedup"])
+    plot_steps(results, paths["steps"])
+    return paths
+
+
+def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> str:
+    config, machine = results["config"], results["machine"]
+    lines = []
+    if command:
+        lines += ["```bash", command, "```", ""]
+    lines += [
+        f"Model `{config['model'] or 'SmolLM2-135M-Instruct'}` in {config['dtype']}"
+        + (f", draft model `{config['draft_model']}`" if config.get("draft_model") else "")
+        + f"; {config['n']} tasks per workload, {config['max_new_tokens']} new tokens, greedy, batch 1.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['cpu_capability']}), "
+        f"{machine['memory_gb']} GB; torch {machine['torch']}, transformers {machine['transformers']}; {machine['date']}.",
+        "",
+        "speedup: tokens/s against plain decoding over the same generations (aggregate; median: per generation). "
+        "tok/step: tokens per target forward. of oracle: accepted draft tokens per step as a share of a perfect "
+        "retrieval drafter's (copying from the prompt, past outputs and, for warm methods, the warm split). "
+        "= plain: share of generations identical to plain greedy decoding.",
+        "",
+    ]
+    for workload, methods in results["summary"].items():
+        oracle = results["oracle"][workload]
+        lines += [f"### {workload}", "",
+                  f"copy oracle: {oracle['cold']['tokens_per_step']:.2f} tokens/step cold, "
+                  f"{oracle['warm']['tokens_per_step']:.2f} warm", "",
+                  "| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+                  "|---|" + "---:|" * len(COLUMNS)]
+        for method, row in methods.items():
+            cells = ["—" if row[k] is None else fmt.format(row[k]) for k, _, fmt in COLUMNS]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedup(results: dict, path: Path) -> None:
+    plt = _pyplot()
+    summary = results["summary"]
+    workloads = list(summary)
+    methods = list(next(iter(summary.values())))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(workloads), 4))
+    width = 0.8 / len(methods)
+    for m, method in enumerate(methods):
+        xs = [w + (m - (len(methods) - 1) / 2) * width for w in range(len(workloads))]
+        ax.bar(xs, [summary[w][method]["speedup"] for w in workloads], width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(workloads)), workloads)
+    ax.set_ylabel("speed-up over plain decoding")
+    ax.set_title(f"{results['config']['model'] or 'SmolLM2-135M-Instruct'}, {results['config']['dtype']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_steps(results: dict, path: Path) -> None:
+    """Histogram of tokens per forward step, per method, all workloads together."""
+    plt = _pyplot()
+    totals: dict[str, dict[int, int]] = {}
+    for methods in results["summary"].values():
+        for method, row in methods.items():
+            for k, count in row["step_histogram"].items():
+                totals.setdefault(method, {}).setdefault(int(k), 0)
+                totals[method][int(k)] += count
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, hist in totals.items():
+        steps = sum(hist.values())
+        ks = sorted(hist)
+        ax.plot(ks, [hist[k] / steps for k in ks], marker="o", markersize=3, label=method)
+    ax.set_xlabel("tokens per forward step (accepted + bonus)")
+    ax.set_ylabel("share of steps")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,143 @@
+"""The benchmark harness: method specs, step accounting, the copy oracle, reports."""
+
+import json
+
+import pytest
+
+from conftest import plain_greedy, repetitive_prompt, tiny_model
+from triespec.bench import harness, methods, report
+from triespec.cli import main
+
+
+def test_method_specs():
+    spec = methods.parse("trie:parallel:warm:dl=16:bl=6")
+    assert (spec.base, spec.warm, spec.adaptive) == ("trie", True, False)
+    assert spec.drafter == {"mode": "parallel", "decoding_length": 16, "branch_length": 6}
+    assert methods.parse("hybrid:adaptive").needs_draft_model
+    assert not methods.parse("prompt-lookup").needs_draft_model
+    for bad in ["beam", "trie:fast", "trie:dl=0", "trie:dl=x", "plain:warm"]:
+        with pytest.raises(ValueError):
+            methods.parse(bad)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="plain"):
+        harness.check(harness.Config(methods=("trie",)))
+    with pytest.raises(ValueError, match="draft-model"):
+        harness.check(harness.Config(methods=("plain", "assisted")))
+    with pytest.raises(ValueError, match="workloads"):
+        harness.check(harness.Config(workloads=("poetry",)))
+    with pytest.raises(ValueError, match="twice"):
+        harness.check(harness.Config(methods=("plain", "trie", "trie")))
+    with pytest.raises(ValueError):
+        harness.check(harness.Config(n=0))
+
+
+@pytest.mark.parametrize("name", ["plain", "prompt-lookup", "trie", "trie:parallel"])
+def test_step_accounting_matches_output(name):
+    """Every method's steps add up to its output, and every output is plain greedy's."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(3, length=40)
+    runner = methods.build(methods.parse(name), model, None)
+    out = runner.run(prompt, 30)
+    assert out.token_ids == plain_greedy(model, prompt, 30)
+    assert sum(out.tokens_per_step) == len(out.token_ids)
+    assert all(s >= 1 for s in out.tokens_per_step)
+    if name == "plain":
+        assert set(out.tokens_per_step) == {1}
+    elif name == "trie":
+        assert max(out.tokens_per_step) > 1  # the repetitive prompt is drafted from
+
+
+def test_assisted_steps_count_target_forwards_only():
+    model, draft = tiny_model("llama"), tiny_model("llama", seed=1)
+    prompt = repetitive_prompt(4, length=40)
+    out = methods.build(methods.parse("assisted"), model, None, draft).run(prompt, 24)
+    assert out.token_ids == plain_greedy(model, prompt, 24)
+    assert sum(out.tokens_per_step) == len(out.token_ids)
+
+
+def test_copy_oracle():
+    # everything copied from the prompt: one step of 3 accepted + 1 bonus
+    assert harness.copy_oracle([([1, 2, 3, 4, 5], [1, 2, 3, 9])], [])["tokens_per_step"] == 4.0
+    # nothing to copy: one token per step
+    assert harness.copy_oracle([([1, 2], [7, 8, 9])], [])["tokens_per_step"] == 1.0
+    # the output so far is readable: 7 | 8 | 7 8 + bonus 7 | 8 (the last token alone)
+    assert harness.copy_oracle([([1], [7, 8, 7, 8, 7, 8])], [])["tokens_per_step"] == 6 / 4
+    # depth caps a step at depth + 1 tokens
+    assert harness.copy_oracle([(list(range(20)), list(range(20)))], [], depth=4)["tokens_per_step"] == 5.0
+    # an earlier output and the warm corpus are readable; an earlier prompt is not
+    runs = [([50, 51, 52], [1, 2]), ([3], [50, 51, 52, 1, 2])]
+    # second run: 50 | 51 | 52 | 1 2 (from the first output)
+    assert harness.copy_oracle(runs, [])["tokens_per_step"] == (2 + 5) / (2 + 4)
+    # with 50 51 52 in the corpus: 50 51 52 + bonus 1 | 2
+    assert harness.copy_oracle(runs, [[50, 51, 52]])["tokens_per_step"] == (2 + 5) / (2 + 2)
+
+
+def _fake_results():
+    records = []
+    for method, seconds, steps, ids in [("plain", 4.0, [1] * 8, [5] * 8), ("trie", 1.0, [4, 4], [5] * 8),
+                                        ("trie:warm", 2.0, [2] * 4, [5] * 7 + [6])]:
+        records.append(dict(workload="qa", task="qa/0", turn=0, method=method, prompt_tokens=10, new_tokens=8,
+                            seconds=seconds, tokens_per_step=steps, draft_seconds=0.1 if method != "plain" else 0.0,
+                            peak_mb=1.0, token_ids=ids))
+    results = {"config": {**harness.Config(n=1).__dict__, "methods": ["plain", "trie", "trie:warm"]},
+               "machine": {"cpu": "test", "cores": 2, "cpu_capability": "x", "memory_gb": 1, "torch": "t",
+                           "transformers": "t", "date": "now"},
+               "oracle": {"qa": {"cold": {"tokens_per_step": 5.0}, "warm": {"tokens_per_step": 3.0}}},
+               "records": records}
+    results["summary"] = harness.summarise(results)
+    return results
+
+
+def test_summary_figures():
+    s = _fake_results()["summary"]["qa"]
+    assert s["plain"]["speedup"] == 1.0 and s["plain"]["tokens_per_step"] == 1.0
+    assert s["trie"]["speedup"] == 4.0 and s["trie"]["tokens_per_step"] == 4.0
+    assert s["trie"]["oracle_share"] == 0.75  # (4 - 1) / (5 - 1), against the cold bound
+    assert s["trie:warm"]["oracle_share"] == 0.5  # (2 - 1) / (3 - 1), against the warm bound
+    assert s["trie"]["agreement"] == 1.0 and s["trie:warm"]["agreement"] == 0.0
+    assert s["trie"]["step_histogram"] == {4: 2}
+    assert s["trie"]["draft_share"] == 0.1
+
+
+def test_report_files(tmp_path):
+    paths = report.write(_fake_results(), tmp_path, "triespec bench --quick")
+    loaded = json.loads(paths["json"].read_text())
+    assert loaded["summary"]["qa"]["trie"]["speedup"] == 4.0
+    md = paths["markdown"].read_text()
+    assert "triespec bench --quick" in md and "| trie:warm |" in md and "4.00×" in md
+    for key in ("speedup", "steps"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the plots take the summary as it comes back from JSON (string keys)
+    report.plot_steps(loaded, tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_cli_rejects_bad_bench_arguments(capsys):
+    assert main(["bench", "--methods", "trie"]) == 2
+    assert "plain" in capsys.readouterr().err
+    assert main(["bench", "--workloads", "code,poetry"]) == 2
+    assert "poetry" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_harness_on_smollm2(tmp_path):
+    """Two tasks per workload on the real model: the accounting, not the speed."""
+    config = harness.Config(n=2, n_warm=1, max_new_tokens=12, methods=("plain", "prompt-lookup", "trie", "trie:warm"))
+    results = harness.run(config, log=lambda m: None, progress=False)
+    turns = {r["task"]: r["turn"] for r in results["records"]}
+    assert set(results["summary"]) == set(config.workloads)
+    for workload, rows in results["summary"].items():
+        n = sum(1 for r in results["records"] if r["workload"] == workload and r["method"] == "plain")
+        assert n >= 2
+        for method, row in rows.items():
+            assert row["generations"] == n
+            assert row["agreement"] == 1.0, (workload, method)  # fp32: every method is exact
+            assert row["oracle_tokens_per_step"] >= 1.0
+        assert rows["plain"]["speedup"] == 1.0
+    assert max(turns.values()) == 1  # the chat workload's second turn ran
+    for r in results["records"]:
+        assert sum(r["tokens_per_step"]) == r["new_tokens"] == len(r["token_ids"]) <= 12
+    paths = report.write(results, tmp_path)
+    assert all(p.exists() for p in paths.values())
