@@ -29,10 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, help="makes sampling reproducible")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print text, token ids and stats as one JSON object")
+    models = commands.add_parser("models", help="list the benchmark models, or fetch them (`models fetch NAME...`)")
+    models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    models.add_argument("names", nargs="*", help="models to fetch: the GGUF file, verified, and its dense fp32 copy")
+    models.set_defaults(run=_models)
     args = parser.parse_args(argv)
 
     try:
-        return _generate(args)
+        return getattr(args, "run", _generate)(args)
     except ValueError as e:
         print(f"triespec: error: {e}", file=sys.stderr)
         return 2
@@ -75,6 +79,29 @@ def _generate(args) -> int:
         s = pieces.result().stats
         print(f"[{s.new_tokens} tokens, {s.steps} steps, {s.mean_tokens_per_step:.2f} tokens/step, "
               f"{s.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _models(args) -> int:
+    from .bench import models
+
+    if args.action == "list":
+        if args.names:
+            raise ValueError("`models list` takes no names; did you mean `models fetch NAME...`?")
+        for name, spec in models.MODELS.items():
+            s = models.status(name)
+            gguf = (f"cached {s.size / 1e9:.2f} GB" if s.gguf else
+                    f"not fetched ({s.size / 1e9:.2f} GB)" if s.size else "not installed")
+            dense = f"dense {models.dense_size(s.dense) / 1e9:.2f} GB" if s.dense else "no dense copy"
+            print(f"{name:20} {gguf:24} {dense:20} {spec.description}")
+        return 0
+    if not args.names:
+        raise ValueError(f"name the models to fetch: {', '.join(models.MODELS)}")
+    for name in args.names:  # check every name before the first long download
+        models.spec(name)
+    _quiet_transformers()
+    for name in args.names:
+        print(f"{name}: {models.dense(name, log=lambda line: print(line, file=sys.stderr))}")
     return 0
 
 

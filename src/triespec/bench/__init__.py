@@ -1,0 +1,1 @@
+"""Benchmark harness: methods x workloads on one model, side by side."""
