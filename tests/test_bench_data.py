@@ -184,6 +184,18 @@ def test_default_model_is_the_installed_smollm2():
     assert models.fetch("smollm2-135m", log=quiet) == Path(default_model_path())
 
 
+@pytest.mark.slow
+def test_models_fetch_gives_the_default_models_dense_copy(capsys):
+    from triespec import Engine
+
+    assert cli.main(["models", "fetch", "smollm2-135m"]) == 0
+    folder = Path(capsys.readouterr().out.split(": ", 1)[1].strip())
+    assert folder == models.dense("smollm2-135m", log=quiet) == models.status("smollm2-135m").dense
+    engine = Engine.from_pretrained(str(folder), dtype="float32")
+    assert engine.model.config.model_type == "llama" and engine.model.config.vocab_size == 49152
+    assert engine.generate("The capital of France is", max_new_tokens=4).text.strip()
+
+
 def test_models_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRIESPEC_CACHE", str(tmp_path))
     assert cli.main(["models"]) == 0

