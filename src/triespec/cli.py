@@ -41,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--quick", action="store_true", help="2 tasks per workload: minutes, not hours")
     bench.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
+    bench.set_defaults(run=lambda args: _bench(args, argv))
+    models = commands.add_parser("models", help="list the benchmark models, or fetch them (`models fetch NAME...`)")
+    models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    models.add_argument("names", nargs="*", help="models to fetch: the GGUF file, verified, and its dense fp32 copy")
+    models.set_defaults(run=_models)
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "bench":
-            return _bench(args, argv)
-        return _generate(args)
+        return getattr(args, "run", _generate)(args)
     except ValueError as e:
         print(f"triespec: error: {e}", file=sys.stderr)
         return 2
@@ -126,6 +129,29 @@ def _methods_help() -> str:
 
     return (methods.__doc__.split("\n\n", 1)[1] + "\ndefault methods: " + ", ".join(methods.DEFAULT)
             + " (+ " + ", ".join(methods.WITH_DRAFT_MODEL) + " with --draft-model)")
+
+
+def _models(args) -> int:
+    from .bench import models
+
+    if args.action == "list":
+        if args.names:
+            raise ValueError("`models list` takes no names; did you mean `models fetch NAME...`?")
+        for name, spec in models.MODELS.items():
+            s = models.status(name)
+            gguf = (f"cached {s.size / 1e9:.2f} GB" if s.gguf else
+                    f"not fetched ({s.size / 1e9:.2f} GB)" if s.size else "not installed")
+            dense = f"dense {models.dense_size(s.dense) / 1e9:.2f} GB" if s.dense else "no dense copy"
+            print(f"{name:20} {gguf:24} {dense:20} {spec.description}")
+        return 0
+    if not args.names:
+        raise ValueError(f"name the models to fetch: {', '.join(models.MODELS)}")
+    for name in args.names:  # check every name before the first long download
+        models.spec(name)
+    _quiet_transformers()
+    for name in args.names:
+        print(f"{name}: {models.dense(name, log=lambda line: print(line, file=sys.stderr))}")
+    return 0
 
 
 def _quiet_transformers() -> None:

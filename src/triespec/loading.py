@@ -91,13 +91,18 @@ def _in_hub_cache(name: str, kwargs: dict) -> bool:
     return False
 
 
+def dense_path(gguf: Path) -> Path:
+    """Where the dense copy of `gguf` is cached (it may not exist yet)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "dense" / f"{gguf.stem}-{key}"
+
+
 def _dense_copy(gguf: Path) -> Path:
     """A folder with the dequantised weights of `gguf`, made once and cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "dense" / f"{gguf.stem}-{key}"
+    target = dense_path(gguf)
     if (target / "config.json").is_file():
         return target
     try:
