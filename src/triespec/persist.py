@@ -5,7 +5,9 @@ The file is a NumPy `.npz` of flat arrays, one entry per node in breadth-first o
 magic string, the format version and a fingerprint of the tokenizer: token ids mean
 nothing under another vocabulary, so such a file is refused. No pickle: loading a
 foreign file must not run its code. Writes go to a temporary file that replaces the old
-one only when complete, so a crash mid-save leaves the previous trie intact.
+one only when complete, so a crash mid-save leaves the previous trie intact. The file
+stays readable by its owner only (as mkstemp makes it): it holds pieces of the prompts
+and answers the server saw.
 """
 
 from __future__ import annotations
