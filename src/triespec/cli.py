@@ -113,6 +113,8 @@ def _serve(args) -> int:
     from .loading import default_model_path
     from .server import create_app
 
+    if args.warm_from and not Path(args.warm_from).is_file():
+        raise ValueError(f"--warm-from {args.warm_from}: no such file")
     _quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     path = args.model or default_model_path()
@@ -133,6 +135,8 @@ def _warm(args) -> int:
     from .loading import default_model_path, load
     from .persist import fingerprint, load_trie, save_trie, warm
 
+    if not Path(args.corpus).is_file():
+        raise ValueError(f"{args.corpus}: no such file")
     _quiet_transformers()
     model, tokenizer = load(args.model or default_model_path(), dtype="float32")
     engine = Engine(model, tokenizer, branch_length=args.branch_length)

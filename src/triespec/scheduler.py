@@ -138,11 +138,14 @@ class Scheduler:
                 if row.finish is not None:
                     del self.tickets[id(row)]
                 if not ticket.cancelled:
-                    ticket.deliver(new, row.finish)
+                    self._deliver(ticket, new, row.finish)
             for key in [k for k, t in self.tickets.items() if t.row not in self.batch.active]:
                 del self.tickets[key]  # cancelled rows that left
             if self.on_step is not None and step:
-                self.on_step(step, time.perf_counter() - t0)
+                try:
+                    self.on_step(step, time.perf_counter() - t0)
+                except Exception:
+                    log.exception("on_step failed")
         self._fail_all("the server is shutting down")
         for fn, future in self._calls:
             future.set_exception(RuntimeError("the scheduler stopped"))
@@ -157,4 +160,11 @@ class Scheduler:
         self.batch = _Batch(self.engine)
         for ticket in tickets:
             if not ticket.cancelled:
-                ticket.deliver(None, message)
+                self._deliver(ticket, None, message)
+
+    def _deliver(self, ticket: Ticket, new, finish) -> None:
+        try:
+            ticket.deliver(new, finish)
+        except Exception:  # e.g. the caller's event loop is gone: drop the request, keep serving
+            log.exception("could not hand a request its tokens; it is cancelled")
+            self.cancel(ticket)
