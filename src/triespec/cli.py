@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true", help="print text, token ids and stats as one JSON object")
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a shared, persistent trie")
     serve.add_argument("--model", help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--model-name", help="the name clients ask for (default: the model's file or folder name)")
+    serve.add_argument("--model-name", help="the name clients ask for (default: the hub id, or the local "
+                                            "file's or folder's name without .gguf)")
     serve.add_argument("--dtype", default="float32")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -121,7 +122,9 @@ def _serve(args) -> int:
     config = {"drafter": NoDraft()} if args.no_draft else {
         "decoding_length": args.decoding_length, "branch_length": args.branch_length}
     engine = Engine.from_pretrained(path, dtype=args.dtype, **config)
-    name = args.model_name or Path(path.rstrip("/")).name
+    local = Path(path.rstrip("/"))
+    # a hub id as given; a local file or folder by its name (without .gguf)
+    name = args.model_name or ((local.stem if local.suffix == ".gguf" else local.name) if local.exists() else path)
     app = create_app(engine, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      trie_path=args.trie, save_interval=args.save_interval, warm_from=args.warm_from)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
