@@ -201,6 +201,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(smol):
             (post({**ok, "prompt": [engine.vocab_size + 5]}), 400, "outside the vocabulary"),
             (post({**ok, "stop": [""]}), 400, "stop"),
             (post({**ok, "model": "gpt-4"}), 404, "gpt-4"),
+            (post({**ok, "logprobs": 3}), 400, "not supported"),
             (post({"model": NAME, "messages": []}, path="/v1/chat/completions"), 400, "messages"),
             (post({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, path="/v1/chat/completions"),
              400, "role"),

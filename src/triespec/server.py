@@ -22,6 +22,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -58,6 +59,14 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1)
+    # accepted by OpenAI's API but not by this server: refused, rather than silently ignored
+    logprobs: bool | int | None = None
+    echo: bool = False
+    tools: list | None = None
+
+    def unsupported(self) -> str | None:
+        return next((name for name, value in (("logprobs", self.logprobs), ("echo", self.echo), ("tools", self.tools))
+                     if value), None)
 
 
 class CompletionRequest(_Request):
@@ -222,6 +231,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if body.model != model_name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server has '{model_name}'",
                            param="model", code="model_not_found")
+        if name := body.unsupported():
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
         row = _make_row(engine, prompt, max_tokens, body)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -325,7 +336,7 @@ def _make_row(engine: Engine, prompt, max_tokens: int | None, body: _Request) ->
     """The request as an engine row; context and settings checked (APIError 400)."""
     try:
         ids = engine.encode(prompt)
-    except ValueError as e:
+    except (ValueError, TemplateError) as e:  # TemplateError: the chat template refused the messages
         code = "context_length_exceeded" if "context" in str(e) else None
         raise APIError(400, str(e), param="messages" if isinstance(prompt, list) and prompt
                        and isinstance(prompt[0], dict) else "prompt", code=code) from e
