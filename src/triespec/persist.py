@@ -98,7 +98,8 @@ def load_trie(path: str | os.PathLike, fingerprint: str, max_nodes: int | None =
 
 def _check_arrays(path, parent: np.ndarray, token: np.ndarray, count: np.ndarray) -> None:
     n = len(token)
-    if not (parent.shape == token.shape == count.shape == (n,)) or any(a.dtype.kind != "i" for a in (parent, token, count)):
+    arrays = (parent, token, count)
+    if any(a.shape != (n,) or a.dtype.kind != "i" for a in arrays):
         raise ValueError(f"{path} is corrupt: the node arrays differ in shape or type")
     index = np.arange(n)
     if n and ((parent < -1).any() or (parent >= index).any()):

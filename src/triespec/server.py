@@ -307,7 +307,9 @@ class _Reply:
         self.text = _TextStream(engine.tokenizer, row.stops.stop)
 
     def head(self, kind: str) -> dict:
-        obj = ("chat.completion" if self.chat else "text_completion") + (".chunk" if kind == "chunk" and self.chat else "")
+        obj = "text_completion"
+        if self.chat:
+            obj = "chat.completion.chunk" if kind == "chunk" else "chat.completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name}
 
     def usage(self) -> dict:
