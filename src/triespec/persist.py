@@ -54,9 +54,15 @@ def flatten(trie: Trie) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def save_trie(trie: Trie, path: str | os.PathLike, fingerprint: str) -> int:
     """Write the trie atomically; returns the file's size in bytes."""
+    return write_arrays(flatten(trie), path, fingerprint)
+
+
+def write_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], path: str | os.PathLike, fingerprint: str) -> int:
+    """Write a flattened trie atomically (a server flattens between two steps, then
+    writes while it decodes); returns the file's size in bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    parent, token, count = flatten(trie)
+    parent, token, count = arrays
     header = json.dumps({"magic": MAGIC, "version": VERSION, "fingerprint": fingerprint, "nodes": len(token)})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:

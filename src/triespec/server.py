@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .engine import Engine, _Row, _TextStream
-from .persist import fingerprint, load_trie, save_trie, warm
+from .persist import fingerprint, flatten, load_trie, warm, write_arrays
 from .scheduler import QueueFull, Scheduler
 
 log = logging.getLogger("triespec.server")
@@ -149,24 +151,23 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     metrics = Metrics(scheduler, engine)
     scheduler.on_step = metrics.step
 
-    def save() -> None:
-        if trie_path is not None:
-            metrics.trie_bytes.set(save_trie(engine.drafter.memory, trie_path, fp))
+    saver = _Saver(engine, trie_path, fp, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         scheduler.start()
-        saver = asyncio.create_task(_every(save_interval, lambda: scheduler.call(save))) if trie_path else None
+        every = asyncio.create_task(saver.every(save_interval, scheduler)) if trie_path else None
         try:
             yield
         finally:
-            if saver is not None:
-                saver.cancel()
+            if every is not None:
+                every.cancel()
             await asyncio.to_thread(scheduler.stop)
-            save()  # the scheduler thread is gone: nobody else touches the trie
+            if trie_path is not None:  # the scheduler thread is gone: nobody else touches the trie
+                await asyncio.to_thread(saver.write, 1 << 62, flatten(engine.drafter.memory))
 
     app = FastAPI(title="triespec", lifespan=lifespan)
-    app.state.engine, app.state.scheduler, app.state.metrics, app.state.save = engine, scheduler, metrics, save
+    app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -378,21 +379,35 @@ def _load(engine: Engine, path: Path, fp: str) -> None:
         log.error("%s; it was moved to %s and the trie starts empty", e, aside)
 
 
-async def _every(seconds: float, fn) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await asyncio.wrap_future(fn())
-        except Exception:
-            log.exception("saving the trie failed; the server goes on")
+class _Saver:
+    """Saves the trie: flattened on the scheduler thread between two steps (only it
+    touches the trie), written on another thread while decoding goes on. A write never
+    replaces a newer snapshot (the one at shutdown is the newest)."""
+
+    def __init__(self, engine: Engine, path, fp: str, metrics: Metrics):
+        self.engine, self.path, self.fp, self.metrics = engine, path, fp, metrics
+        self.lock, self.written = threading.Lock(), -1
+
+    def write(self, snapshot: int, arrays) -> None:
+        with self.lock:
+            if snapshot > self.written:
+                self.metrics.trie_bytes.set(write_arrays(arrays, self.path, self.fp))
+                self.written = snapshot
+
+    async def every(self, seconds: float, scheduler: Scheduler) -> None:
+        for snapshot in itertools.count():
+            await asyncio.sleep(seconds)
+            try:
+                arrays = await asyncio.wrap_future(scheduler.call(lambda: flatten(self.engine.drafter.memory)))
+                await asyncio.to_thread(self.write, snapshot, arrays)
+            except Exception:
+                log.exception("saving the trie failed; the server goes on")
 
 
 @contextlib.contextmanager
 def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
     """Run the app with uvicorn on a background thread; yields its base URL
     (port 0: any free port). Shuts it down (saving the trie) on exit."""
-    import threading
-
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
