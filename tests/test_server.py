@@ -156,10 +156,13 @@ def test_trie_survives_a_restart(smol, tmp_path):
 def test_corrupt_trie_file_is_set_aside_and_replaced(smol, tmp_path, caplog):
     path = tmp_path / "trie.npz"
     path.write_bytes(b"\x00garbage")
-    app = create_app(engine_of(smol), NAME, trie_path=path)
+    corpus = tmp_path / "past.jsonl"
+    corpus.write_text('{"prompt": "Hi", "completion": " Hello! How can I help you today?"}\n')
+    app = create_app(engine_of(smol), NAME, trie_path=path, warm_from=corpus)
     assert "not a readable triespec trie" in caplog.text
     assert (tmp_path / "trie.npz.rejected").read_bytes() == b"\x00garbage"
     with serving(app) as url:
+        assert metric(url, "triespec_trie_nodes") > 10  # empty, then warmed from the corpus
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 4})
         assert r.status_code == 200
     with np.load(path) as saved:  # a fresh, valid trie was saved at shutdown

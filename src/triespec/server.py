@@ -164,7 +164,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 every.cancel()
             await asyncio.to_thread(scheduler.stop)
             if trie_path is not None:  # the scheduler thread is gone: nobody else touches the trie
-                await asyncio.to_thread(saver.write, 1 << 62, flatten(engine.drafter.memory))
+                try:
+                    await asyncio.to_thread(saver.write, 1 << 62, flatten(engine.drafter.memory))
+                except Exception:
+                    log.exception("could not save the trie to %s at shutdown", trie_path)
 
     app = FastAPI(title="triespec", lifespan=lifespan)
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
