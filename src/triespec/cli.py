@@ -1,4 +1,4 @@
-"""Command line: `triespec generate [PROMPT]`, `triespec bench`."""
+"""Command line: `triespec generate [PROMPT]`, `serve`, `warm CORPUS`, `bench`, `models`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,29 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
     models.add_argument("names", nargs="*", help="models to fetch: the GGUF file, verified, and its dense fp32 copy")
     models.set_defaults(run=_models)
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a shared, persistent trie")
+    serve.add_argument("--model", help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--model-name", help="the name clients ask for (default: the hub id, or the local "
+                                            "file's or folder's name without .gguf)")
+    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="answer 401 to requests without 'Authorization: Bearer KEY'")
+    serve.add_argument("--decoding-length", type=int, default=32, help="most draft tokens verified per step")
+    serve.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
+    serve.add_argument("--no-draft", action="store_true", help="plain decoding (for comparison)")
+    serve.add_argument("--max-batch", type=int, default=32, help="most requests in one forward pass")
+    serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429")
+    serve.add_argument("--trie", help="file the trie is loaded from at start and saved to (.npz)")
+    serve.add_argument("--save-interval", type=float, default=300.0, help="seconds between trie saves")
+    serve.add_argument("--warm-from", help="JSONL corpus of past prompts and answers to fill the trie with")
+    warm = commands.add_parser("warm", help="fill a trie file from a JSONL corpus of past prompts and answers")
+    warm.add_argument("corpus", help='JSON Lines: {"prompt", "completion"}, {"messages"} or {"text"} per line')
+    warm.add_argument("--trie", required=True, help="trie file (.npz) to add to (created if missing)")
+    warm.add_argument("--model", help="the model whose tokenizer the trie is for (default: SmolLM2-135M-Instruct)")
+    warm.add_argument("--branch-length", type=int, default=12, help="as the server will use it")
+    serve.set_defaults(run=_serve)
+    warm.set_defaults(run=_warm)
     args = parser.parse_args(argv)
 
     try:
@@ -151,6 +174,54 @@ def _models(args) -> int:
     _quiet_transformers()
     for name in args.names:
         print(f"{name}: {models.dense(name, log=lambda line: print(line, file=sys.stderr))}")
+
+
+def _serve(args) -> int:
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from .drafters import NoDraft
+    from .engine import Engine
+    from .loading import default_model_path
+    from .server import create_app
+
+    if args.warm_from and not Path(args.warm_from).is_file():
+        raise ValueError(f"--warm-from {args.warm_from}: no such file")
+    _quiet_transformers()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path = args.model or default_model_path()
+    config = {"drafter": NoDraft()} if args.no_draft else {
+        "decoding_length": args.decoding_length, "branch_length": args.branch_length}
+    engine = Engine.from_pretrained(path, dtype=args.dtype, **config)
+    local = Path(path.rstrip("/"))
+    # a hub id as given; a local file or folder by its name (without .gguf)
+    name = args.model_name or ((local.stem if local.suffix == ".gguf" else local.name) if local.exists() else path)
+    app = create_app(engine, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     trie_path=args.trie, save_interval=args.save_interval, warm_from=args.warm_from)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _warm(args) -> int:
+    from pathlib import Path
+
+    from .engine import Engine
+    from .loading import default_model_path, load
+    from .persist import fingerprint, load_trie, save_trie, warm
+
+    if not Path(args.corpus).is_file():
+        raise ValueError(f"{args.corpus}: no such file")
+    _quiet_transformers()
+    model, tokenizer = load(args.model or default_model_path(), dtype="float32")
+    engine = Engine(model, tokenizer, branch_length=args.branch_length)
+    fp = fingerprint(tokenizer, engine.vocab_size)
+    if Path(args.trie).exists():
+        engine.drafter.memory = load_trie(args.trie, fp, engine.drafter.memory.max_nodes)
+    count = warm(engine, args.corpus)
+    size = save_trie(engine.drafter.memory, args.trie, fp)
+    print(f"learned {count} answers; {args.trie}: {len(engine.drafter.memory)} nodes, {size} bytes", file=sys.stderr)
     return 0
 
 

@@ -214,6 +214,8 @@ class _Row:
         self.session = None
         self.tree = TokenTree()
         self.watch: list[tuple[int, TokenTree]] = []  # proposed trees waiting to be scored
+        self.cancelled = False  # set by _Batch.cancel: leave at the next step
+        self.started = time.perf_counter()  # when the row joined its batch
 
     def draft(self) -> None:
         t0 = time.perf_counter()
@@ -284,58 +286,98 @@ class _Row:
 
 class _Batch:
     """Rows decoded together: iterating runs one step (one forward) at a time and yields
-    each row's new tokens [(row, tokens), ...]; rows leave the batch when they finish."""
+    each row's new tokens [(row, tokens), ...]; rows leave the batch when they finish.
 
-    def __init__(self, engine: Engine, rows: list[_Row]):
-        self.engine, self.rows = engine, rows
+    A server drives the steps itself: `add` lets a row join between steps (it feeds its
+    whole prompt at its first step), `cancel` makes one leave at the next step, and
+    `step` runs one forward over whoever is in.
+    """
+
+    def __init__(self, engine: Engine, rows: Sequence[_Row] = ()):
+        self.engine, self.rows = engine, list(rows)
+        self.active: list[_Row] = []
+        self.cache, self.width = DynamicCache(), 0  # width: cache length shared by the rows
+        for row in rows:
+            self.add(row)
         self._steps = self._run()  # one run, however it is consumed
 
     def __iter__(self) -> Iterator[list[tuple[_Row, list[int]]]]:
         return self._steps
 
+    def __len__(self) -> int:
+        return len(self.active)
+
     @torch.inference_mode()
+    def add(self, row: _Row) -> None:
+        """Join between steps, with nothing cached: one more cache row, all hole (zeros the
+        mask hides, since `pack` lets a row see only its own first `past` entries)."""
+        if row.past or row.finish is not None or row in self.active:
+            raise ValueError("only a new row can join a batch")
+        for layer in self.cache.layers:
+            if layer.is_initialized and layer.keys.numel():
+                # keys, values: [B, H, width, D] -> [B + 1, H, width, D]
+                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((1, *layer.keys.shape[1:]))])
+                layer.values = torch.cat([layer.values, layer.values.new_zeros((1, *layer.values.shape[1:]))])
+        row.stats.total_time, row.started = 0.0, time.perf_counter()
+        self.active.append(row)
+        if row not in self.rows:
+            self.rows.append(row)
+
+    def cancel(self, row: _Row) -> None:
+        """The row leaves at the next step (as "abort"), whatever it was doing."""
+        row.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[_Row, list[int]]]:
+        """One forward for every active row; returns each row's new tokens."""
+        self._leave([b for b, row in enumerate(self.active) if row.cancelled])
+        active, engine = self.active, self.engine
+        if not active:
+            return []
+        # 1. draft, per row
+        for row in active:
+            row.draft()
+        # 2. forward every row's pending tokens and tree together
+        t0 = time.perf_counter()
+        logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], self.width, self.cache)
+        model_time = time.perf_counter() - t0
+        if engine.cost is not None and len(active) == 1:
+            engine.cost.observe(len(active[0].pending) + len(active[0].tree), model_time)
+        # 3. verify: accepted draft tokens + the bonus token, per row
+        verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
+        # 4. commit the accepted paths' KV, drop the rest
+        kept = []
+        for row, verdict, first in zip(active, verdicts, starts):  # first: the row's first new entry
+            kept.append((row.past, [first + i for i in range(len(row.pending))]
+                         + [first + len(row.pending) + i for i in verdict.nodes]))
+            row.past += len(row.pending) + len(verdict.nodes)
+            row.pending = verdict.tokens[-1:]
+        self.width = keep_paths(self.cache, kept)
+        # 5. emit, stopping where plain decoding stops; 6. learn
+        step = [(row, row.emit(verdict)) for row, verdict in zip(active, verdicts)]
+        for row in active:
+            row.stats.model_time += model_time
+            row.stats.total_time = time.perf_counter() - row.started
+        self._leave([b for b, row in enumerate(active) if row.finish is not None])
+        return step
+
+    def _leave(self, gone: list[int]) -> None:
+        if not gone:
+            return
+        for b in gone:
+            self.active[b].end()
+        stay = [b for b in range(len(self.active)) if b not in gone]
+        self.active = [self.active[b] for b in stay]
+        if stay:
+            self.cache.batch_select_indices(torch.tensor(stay))
+            self.width = keep_paths(self.cache, [(row.past, []) for row in self.active])  # trim to the longest row
+        else:
+            self.cache, self.width = DynamicCache(), 0
+
     def _run(self) -> Iterator[list[tuple[_Row, list[int]]]]:
-        engine, active = self.engine, list(self.rows)
-        cache, width = DynamicCache(), 0  # width: cache length shared by the rows
-        start = time.perf_counter()
         try:
-            while active:
-                # 1. draft, per row
-                for row in active:
-                    row.draft()
-                # 2. forward every row's pending tokens and tree together
-                t0 = time.perf_counter()
-                logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], width, cache)
-                model_time = time.perf_counter() - t0
-                if engine.cost is not None and len(active) == 1:
-                    engine.cost.observe(len(active[0].pending) + len(active[0].tree), model_time)
-                # 3. verify: accepted draft tokens + the bonus token, per row
-                verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
-                # 4. commit the accepted paths' KV, drop the rest
-                kept = []
-                for row, verdict, first in zip(active, verdicts, starts):  # first: the row's first new entry
-                    kept.append((row.past, [first + i for i in range(len(row.pending))]
-                                 + [first + len(row.pending) + i for i in verdict.nodes]))
-                    row.past += len(row.pending) + len(verdict.nodes)
-                    row.pending = verdict.tokens[-1:]
-                width = keep_paths(cache, kept)
-                # 5. emit, stopping where plain decoding stops; 6. learn
-                step = [(row, row.emit(verdict)) for row, verdict in zip(active, verdicts)]
-                for row in active:
-                    row.stats.model_time += model_time
-                    row.stats.total_time = time.perf_counter() - start
-                done = [b for b, row in enumerate(active) if row.finish is not None]
-                if done:
-                    for b in done:
-                        active[b].end()
-                    stay = [b for b in range(len(active)) if b not in done]
-                    if stay:
-                        cache.batch_select_indices(torch.tensor(stay))
-                        active = [active[b] for b in stay]
-                        width = keep_paths(cache, [(row.past, []) for row in active])  # trim to the longest row
-                    else:
-                        active = []
-                yield step
+            while self.active:
+                yield self.step()
         finally:
             for row in self.rows:
                 row.end()
