@@ -174,6 +174,7 @@ def _models(args) -> int:
     _quiet_transformers()
     for name in args.names:
         print(f"{name}: {models.dense(name, log=lambda line: print(line, file=sys.stderr))}")
+    return 0
 
 
 def _serve(args) -> int:
