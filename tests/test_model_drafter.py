@@ -24,7 +24,7 @@ def test_self_draft_is_accepted_fully_and_output_is_plain_greedy(arch):
     model = tiny_model(arch)
     prompt = repetitive_prompt(2, length=30)
     expected = plain_greedy(model, prompt, 40)
-    drafter = ModelDrafter(model)
+    drafter = ModelDrafter(model, min_score=0.0)
     result = Engine(model, drafter=drafter).generate(prompt, max_new_tokens=40)
     assert result.token_ids == expected
     # every step but the last yields the whole depth (8) plus the bonus
@@ -49,8 +49,9 @@ def test_hybrid_with_a_useful_draft_beats_each_drafter_alone_in_steps():
     prompt = repetitive_prompt(5, length=40)
     expected = plain_greedy(model, prompt, 60)
     steps = {}
-    for name, drafter in [("trie", TrieDrafter(decoding_length=20)), ("model", ModelDrafter(model, widths=(1,) * 4)),
-                          ("hybrid", MergedDrafter([TrieDrafter(decoding_length=20), ModelDrafter(model, widths=(1,) * 4)]))]:
+    for name, drafter in [("trie", TrieDrafter(decoding_length=20)), ("model", ModelDrafter(model, widths=(1,) * 4, min_score=0)),
+                          ("hybrid", MergedDrafter([TrieDrafter(decoding_length=20),
+                                                    ModelDrafter(model, widths=(1,) * 4, min_score=0)]))]:
         result = Engine(model, drafter=drafter).generate(prompt, max_new_tokens=60)
         assert result.token_ids == expected
         assert max(result.stats.draft_sizes) <= 20
@@ -85,7 +86,7 @@ def from_scratch_logits(model, ids):
 def test_children_are_the_drafts_top_k_and_one_forward_per_depth(arch):
     draft = tiny_model(arch, seed=1)
     widths = (2, 3, 1, 2)
-    drafter = ModelDrafter(draft, widths=widths)
+    drafter = ModelDrafter(draft, widths=widths, min_score=0.0)
     prompt = repetitive_prompt(7, length=20)
     session = drafter.begin(prompt)
     calls = []
@@ -147,6 +148,21 @@ def test_draft_cache_follows_the_accepted_path(arch):
     session.propose(max_nodes=50, max_depth=4)  # proposing again without learning drops them first
     assert session.cache.get_seq_length() == session.past + len(session.slot)
     session.end()
+
+
+def test_an_unsure_draft_stops_early():
+    draft = tiny_model("llama")
+    calls = []
+    drafter = ModelDrafter(draft, min_score=1.0)
+    hook = draft.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        tree = drafter.begin([1, 2, 3]).propose(max_nodes=100, max_depth=8)
+    finally:
+        hook.remove()
+    assert tree.depth == 1 and len(calls) == 1  # no node is certain: nothing is expanded
+    full = ModelDrafter(draft, min_score=0.0).begin([1, 2, 3]).propose(max_nodes=100, max_depth=8)
+    some = ModelDrafter(draft, min_score=0.05).begin([1, 2, 3]).propose(max_nodes=100, max_depth=8)
+    assert len(full) == 20 and len(some) < 20 and all(some.scores[p] >= 0.05 for p in some.parents if p >= 0)
 
 
 def test_depth_is_capped_by_max_depth_and_budget():
@@ -227,7 +243,7 @@ N_LAW = 3000
 
 def test_sampled_drafts_carry_q_and_are_lossless(pair):
     target, draft, table = pair
-    drafter = ModelDrafter(draft, widths=(3, 2), sample=True)
+    drafter = ModelDrafter(draft, widths=(3, 2), sample=True, min_score=0.3)  # some nodes expanded, some not
     drafter.bind(target)
     session = drafter.begin(PROMPT, sampling=sampling_settings(target.generation_config, seed=0, **SETTINGS))
     tree = session.propose(max_nodes=50, max_depth=2)
@@ -285,7 +301,7 @@ def test_engine_samples_the_model_law_with_a_sampling_drafter(pair):
 def test_a_self_draft_under_sampling_is_always_accepted():
     # q equals p exactly (same model, same processors): multi-step sampling accepts every draft
     model = small_model(5)
-    engine = Engine(model, drafter=ModelDrafter(model, widths=(2, 1, 1), sample=True))
+    engine = Engine(model, drafter=ModelDrafter(model, widths=(2, 1, 1), sample=True, min_score=0))
     result = engine.generate(PROMPT, max_new_tokens=20, seed=3, do_sample=True, temperature=0.9)
     assert result.stats.tokens_per_step[:-1] == [4] * (len(result.stats.tokens_per_step) - 1)
 
@@ -367,7 +383,7 @@ def test_a_draft_with_another_tokenizer_is_refused():
         Engine(target, word_tokenizer(WORDS), drafter=ModelDrafter(draft, tokenizer=shuffled))
 
 
-@pytest.mark.parametrize("bad", [dict(widths=()), dict(widths=(2, 0)), dict(max_nodes=0)])
+@pytest.mark.parametrize("bad", [dict(widths=()), dict(widths=(2, 0)), dict(max_nodes=0), dict(min_score=2.0)])
 def test_bad_model_drafter_settings(bad):
     with pytest.raises(ValueError):
         ModelDrafter(tiny_model("llama"), **bad)

@@ -15,10 +15,12 @@ How children are chosen, and why the result stays lossless:
   distribution under the request's own processors (temperature, top-k, top-p, ...),
   siblings without replacement: child i is drawn from q with the earlier siblings'
   tokens removed and renormalised, and that distribution is recorded as its q. The
-  tree's shape is fixed before anything is drawn (a slot only stays empty when q has no
-  mass left), so no node's presence depends on its own value: exactly the premise of
-  multi-step speculative sampling. The draws use their own random stream, independent
-  of the verifier's.
+  tree's slots are fixed before anything is drawn; a slot stays empty only when q has no
+  mass left or its parent is not expanded (below `min_score`), so whether a node exists
+  depends on its ancestors' values, never on its own or its siblings': exactly the
+  premise of multi-step speculative sampling, which decides among siblings from their
+  tokens and q alone. The draws use their own random stream, independent of the
+  verifier's.
 """
 
 from __future__ import annotations
@@ -43,17 +45,23 @@ class ModelDrafter:
     max_nodes: most nodes per tree (default: the full expansion, 20 for the default widths).
     sample: draw children from the draft distribution (recording q) when the request
         samples; otherwise, and always for greedy requests, take the top-k.
+    min_score: expand only nodes whose path is at least this likely under the draft (the
+        product of draft probabilities along it, also the node's `score`); the draft stops
+        early when no node of a level is, so an unsure draft costs fewer forwards (as
+        transformers' assisted generation stops at its assistant_confidence_threshold).
     """
 
     accepts_sampling = True  # begin() takes the request's sampling settings
 
     def __init__(self, draft_model, widths: Sequence[int] = (1, 1, 3, 1, 1, 1, 1, 1), tokenizer=None,
-                 max_nodes: int | None = None, sample: bool = False):
+                 max_nodes: int | None = None, sample: bool = False, min_score: float = 0.1):
         widths = tuple(widths)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"widths must be a non-empty sequence of integers >= 1, got {widths!r}")
         if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
             raise ValueError(f"max_nodes must be an integer >= 1 or None, got {max_nodes!r}")
+        if not 0 <= min_score <= 1:
+            raise ValueError(f"min_score must be in [0, 1], got {min_score}")
         if not hasattr(draft_model, "get_output_embeddings") or draft_model.get_output_embeddings() is None:
             raise ValueError(f"draft model {type(draft_model).__name__} is not a causal LM with an output layer")
         from ..engine import check_tree_attention  # the engine imports the drafters
@@ -63,6 +71,7 @@ class ModelDrafter:
         self.tokenizer = tokenizer
         self.widths = widths
         self.sample = sample
+        self.min_score = min_score
         self.config = draft_model.config.get_text_config()
         self.layout = attention_layout(self.config)
         self.vocab_size = draft_model.get_output_embeddings().weight.shape[0]
@@ -171,8 +180,10 @@ class ModelSession:
                 parent_score = 1.0 if s < 0 else filled[s][2]
                 for slot, (token, q, prob) in zip(children.get(s, []), row_picks):
                     filled[slot] = (token, q, parent_score * prob)
-            # the next level: filled slots that have child slots of their own
-            frontier = [c for s in frontier for c in children.get(s, []) if c in filled and c in children]
+            # the next level: filled slots with child slots of their own, likely enough to pay
+            # for expanding (this looks at the parents' values only, never at a child's own)
+            frontier = [c for s in frontier for c in children.get(s, [])
+                        if c in filled and c in children and filled[c][2] >= d.min_score]
             if frontier:
                 logits = self._feed_level(frontier, filled, shape)
         tree = self._as_tree(shape, filled)
