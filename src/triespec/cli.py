@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--mode", default="hierarchical", choices=["hierarchical", "parallel", "single"])
     gen.add_argument("--adaptive", action="store_true",
                      help="experimental: cut each draft to the size that pays on this machine (measured at start)")
+    gen.add_argument("--draft-model", action="append", metavar="PATH",
+                     help="small model with the same tokenizer, drafting token trees (repeatable)")
+    gen.add_argument("--drafter", choices=["trie", "model", "hybrid"],
+                     help="where drafts come from (default: trie; hybrid with --draft-model)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
     gen.add_argument("--top-k", type=int)
@@ -88,13 +92,14 @@ def _generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _quiet_transformers()
+    drafting = dict(draft_model=args.draft_model, drafter=args.drafter)
+    if (args.drafter or ("hybrid" if args.draft_model else "trie")) != "model":  # trie settings
+        drafting.update(decoding_length=args.decoding_length, branch_length=args.branch_length, mode=args.mode)
     engine = Engine.from_pretrained(
         args.model or default_model_path(),
         dtype=args.dtype,
-        decoding_length=args.decoding_length,
-        branch_length=args.branch_length,
-        mode=args.mode,
         adaptive=args.adaptive,
+        **drafting,
     )
     chat = not args.raw and getattr(engine.tokenizer, "chat_template", None)
     request = [{"role": "user", "content": prompt}] if chat else prompt

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, StopStringCriteria
 
 from .budget import Calibration, CostModel, best_size, label
-from .drafters import Drafter, NoDraft, TrieDrafter
+from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
 from .masks import Row, attention_layout, forward, pack
 from .tree import TokenTree
@@ -89,6 +89,8 @@ class Engine:
         self.eos_ids = _eos_ids(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         check_tree_attention(model)
+        if hasattr(self.drafter, "bind"):  # a draft model: same vocabulary as the target, or ValueError
+            self.drafter.bind(model, tokenizer)
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
         self.cost = self.calibration = None
         if adaptive:
@@ -97,11 +99,47 @@ class Engine:
             self.calibration = Calibration()
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None, **config):
+    def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
+                        draft_model=None, drafter: str | None = None, widths=None, adaptive: bool = False,
+                        **trie_config):
+        """Load a model (hub id, folder or .gguf) and build its drafter.
+
+        draft_model: None, or a path / hub id (or a list of them) of small models sharing
+            the target's tokenizer, loaded with the same dtype and device.
+        drafter: "trie" (the default without a draft model), "model" (the draft models'
+            token trees, merged when several) or "hybrid" (the default with a draft model:
+            the trie and the draft models in one tree, within the trie's decoding_length).
+        widths: the draft models' expansion widths per depth (default: SpecInfer's).
+        trie_config: TrieDrafter settings (decoding_length, branch_length, mode, ...).
+        """
         from .loading import load
 
+        paths = [] if draft_model is None else [draft_model] if isinstance(draft_model, (str, bytes)) or not \
+            isinstance(draft_model, Sequence) else list(draft_model)
+        drafter = drafter or ("hybrid" if paths else "trie")
+        if drafter not in ("trie", "model", "hybrid"):
+            raise ValueError(f"drafter must be 'trie', 'model' or 'hybrid', got {drafter!r}")
+        if drafter == "trie" and paths:
+            raise ValueError("a draft model needs drafter='model' or 'hybrid'")
+        if drafter != "trie" and not paths:
+            raise ValueError(f"drafter={drafter!r} needs a draft model (draft_model=PATH)")
+        if drafter == "model" and trie_config:
+            raise ValueError(f"trie settings {sorted(trie_config)} need drafter='trie' or 'hybrid'")
+        if widths is not None and not paths:
+            raise ValueError("widths= is for draft models")
         model, tokenizer = load(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file)
-        return cls(model, tokenizer, **config)
+        if drafter == "trie":
+            return cls(model, tokenizer, adaptive=adaptive, **trie_config)
+        models = []
+        for path in paths:
+            draft, draft_tokenizer = load(path, dtype=dtype, device=device)
+            models.append(ModelDrafter(draft, tokenizer=draft_tokenizer, **({"widths": widths} if widths else {})))
+        if drafter == "model":
+            chosen = models[0] if len(models) == 1 else MergedDrafter(models)
+        else:
+            trie = TrieDrafter(**trie_config)
+            chosen = MergedDrafter([trie, *models], decoding_length=trie.decoding_length)
+        return cls(model, tokenizer, drafter=chosen, adaptive=adaptive)
 
     def encode(self, prompt) -> list[int]:
         """A string, a list of token ids, or chat messages ([{"role": ..., "content": ...}])."""
@@ -221,12 +259,17 @@ class _Row:
         t0 = time.perf_counter()
         engine = self.engine
         if self.session is None:
-            self.session = engine.drafter.begin(self.ids)
+            self.session = begin_session(engine.drafter, self.ids, self.sampling)
         # every token past the limit would be thrown away
         tree = self.session.propose(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
         if engine.cost is not None and tree.scores is not None and len(tree):
             self.watch.append((len(self.seq), tree))
-            tree = tree.prefix(max_nodes=best_size(tree, len(self.pending), engine.cost, engine.calibration))
+            cut = tree.prefix(max_nodes=best_size(tree, len(self.pending), engine.cost, engine.calibration))
+            if cut is not tree and cut.draft_probs is not None:
+                # the cut depends on the drafted tokens' scores, so the kept nodes are no longer
+                # plain draws from their q: verify them one-hot, which is exact for any tree
+                cut = TokenTree(cut.tokens, cut.parents, cut.scores)
+            tree = cut
         self.tree = tree
         self.stats.draft_time += time.perf_counter() - t0
 

@@ -8,6 +8,9 @@ request it opens a session:
     session.learn(new_ids)                          # what did come next (accepted + bonus)
     session.end()
 
+A drafter with `accepts_sampling = True` is opened with `begin(prompt_ids, sampling=...)`
+(the request's `Sampling`), so that it may draft under the request's own settings.
+
 Drafts never change the output, only how many tokens one forward pass yields.
 """
 
@@ -46,6 +49,16 @@ class NoDraft:
         pass
 
 
-from .trie import Trie, TrieDrafter  # noqa: E402
+def begin_session(drafter, prompt_ids: Sequence[int], sampling=None) -> DraftSession:
+    """Open a session, handing the request's sampling settings to drafters that take them."""
+    if getattr(drafter, "accepts_sampling", False):
+        return drafter.begin(prompt_ids, sampling=sampling)
+    return drafter.begin(prompt_ids)
 
-__all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter"]
+
+from .trie import Trie, TrieDrafter  # noqa: E402
+from .model import ModelDrafter  # noqa: E402
+from .merged import MergedDrafter, merge  # noqa: E402
+
+__all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter", "ModelDrafter", "MergedDrafter", "merge",
+           "begin_session"]

@@ -1,0 +1,124 @@
+"""Several drafters' trees merged into one token tree (SpecInfer's merge), within one
+budget: in particular the trie and a small model together (the *hybrid*): copy-heavy
+spans come from the trie, the rest from the model.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..tree import TokenTree
+from . import begin_session
+
+
+class MergedDrafter:
+    """Runs every drafter each step and merges their trees.
+
+    decoding_length: most nodes of the merged tree (default: the largest of the drafters').
+    confident: the first drafter's nodes whose estimated acceptance is at least this come
+        first (the trie's confident copy spans); all other nodes compete by score. When
+        the first drafter alone fills the budget with such nodes, the others are not run
+        that step (they still learn every token).
+    """
+
+    accepts_sampling = True
+
+    def __init__(self, drafters: Sequence, decoding_length: int | None = None, confident: float = 0.5):
+        drafters = list(drafters)
+        if not drafters:
+            raise ValueError("MergedDrafter needs at least one drafter")
+        if decoding_length is not None and (not isinstance(decoding_length, int) or decoding_length < 1):
+            raise ValueError(f"decoding_length must be an integer >= 1, got {decoding_length!r}")
+        if not 0 <= confident <= 1:
+            raise ValueError(f"confident must be in [0, 1], got {confident}")
+        self.drafters = drafters
+        self.decoding_length = decoding_length or max(getattr(d, "decoding_length", 32) for d in drafters)
+        self.confident = confident
+
+    def bind(self, model, tokenizer=None) -> None:
+        for d in self.drafters:
+            if hasattr(d, "bind"):
+                d.bind(model, tokenizer)
+
+    def begin(self, prompt_ids: Sequence[int], sampling=None) -> MergedSession:
+        return MergedSession(self, [begin_session(d, prompt_ids, sampling) for d in self.drafters])
+
+
+class MergedSession:
+    def __init__(self, drafter: MergedDrafter, sessions: list):
+        self.d, self.sessions = drafter, sessions
+
+    def propose(self, max_nodes: int, max_depth: int) -> TokenTree:
+        budget = min(max_nodes, self.d.decoding_length)
+        trees = [self.sessions[0].propose(budget, max_depth)]
+        first = trees[0].scores or (1.0,) * len(trees[0])
+        skip = sum(s >= self.d.confident for s in first) >= budget
+        for session in self.sessions[1:]:
+            trees.append(TokenTree() if skip else session.propose(budget, max_depth))
+        return merge(trees, budget, max_depth, self.d.confident)
+
+    def learn(self, new_ids: Sequence[int]) -> None:
+        for session in self.sessions:
+            session.learn(new_ids)
+
+    def end(self) -> None:
+        for session in self.sessions:
+            session.end()
+
+
+def merge(trees: Sequence[TokenTree], max_nodes: int, max_depth: int, confident: float = 0.5) -> TokenTree:
+    """One tree from several, shared prefixes merged, cut to `max_nodes` and `max_depth`.
+
+    A merged node's score is the largest of its sources' (None scores count as 1). The
+    first tree's nodes scoring at least `confident` are kept first, then the rest by
+    score; scores never grow along a path, so the kept nodes form a tree.
+
+    The lossless rule for draft probabilities (q). Multi-step speculative sampling is
+    exact only if each child was *drawn* from its recorded q, with nothing about the
+    tree's shape depending on that draw. Merging breaks this: whether a sampled node is
+    merged into another source's node, and whether the budget keeps it, depend on the
+    token it drew. So:
+    - when only one tree has nodes, it is returned as it was proposed (its q kept; the
+      cut is only a prefix, which the drafters already respect);
+    - when several trees have nodes, the merged tree has no q: every node counts as
+      one-hot. The one-hot rule ("sample x from p, descend into a child with token x")
+      is exact for any tree whose tokens were chosen independently of the verifier's
+      random numbers, which holds for every drafter here (deterministic trie and top-k
+      expansions, and sampled drafts, which use a random stream of their own).
+    """
+    contributing = [t for t in trees if len(t)]
+    if len(contributing) <= 1:
+        return contributing[0].prefix(max_nodes, max_depth) if contributing else TokenTree()
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    scores: list[float] = []
+    first: list[bool] = []  # a confident node of the first tree
+    index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+    for k, tree in enumerate(trees):
+        tree_scores = tree.scores or (1.0,) * len(tree)
+        where: dict[int, int] = {}  # this tree's node -> merged node
+        for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+            merged_parent = -1 if parent < 0 else where[parent]
+            node = index.get((merged_parent, token))
+            if node is None:
+                node = index[(merged_parent, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(merged_parent)
+                depths.append(1 if merged_parent < 0 else depths[merged_parent] + 1)
+                scores.append(tree_scores[i])
+                first.append(False)
+            else:
+                scores[node] = max(scores[node], tree_scores[i])
+            first[node] |= k == 0 and tree_scores[i] >= confident
+            where[i] = node
+    chosen: set[int] = set()
+    for i in sorted(range(len(tokens)), key=lambda i: (not first[i], -scores[i], i)):
+        if len(chosen) >= max_nodes:
+            break
+        if depths[i] <= max_depth and (parents[i] < 0 or parents[i] in chosen):
+            chosen.add(i)
+    keep = sorted(chosen)  # merged nodes are in topological order
+    new = {-1: -1, **{old: i for i, old in enumerate(keep)}}
+    return TokenTree(tuple(tokens[i] for i in keep), tuple(new[parents[i]] for i in keep),
+                     tuple(scores[i] for i in keep))
