@@ -57,6 +57,20 @@ def test_assisted_steps_count_target_forwards_only():
     assert sum(out.tokens_per_step) == len(out.token_ids)
 
 
+@pytest.mark.parametrize("name", ["model", "hybrid", "hybrid:warm"])
+def test_draft_model_methods_are_exact(name):
+    model, draft = tiny_model("llama"), tiny_model("llama", seed=1)
+    prompt = repetitive_prompt(5, length=40)
+    runner = methods.build(methods.parse(name), model, None, draft)
+    expected = plain_greedy(model, prompt, 24)
+    runner.prepare([expected])  # a warm memory holds this very answer
+    out = runner.run(prompt, 24)
+    assert out.token_ids == expected
+    assert sum(out.tokens_per_step) == len(expected)
+    if name == "hybrid:warm":
+        assert max(out.tokens_per_step) > 8  # drafted from the warmed memory
+
+
 def test_copy_oracle():
     # everything copied from the prompt: one step of 3 accepted + 1 bonus
     assert harness.copy_oracle([([1, 2, 3, 4, 5], [1, 2, 3, 9])], [])["tokens_per_step"] == 4.0

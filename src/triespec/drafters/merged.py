@@ -40,6 +40,14 @@ class MergedDrafter:
             if hasattr(d, "bind"):
                 d.bind(model, tokenizer)
 
+    def learn_text(self, token_ids: Sequence[int]) -> None:
+        """Warm the drafters that keep a memory (the trie) with a past answer."""
+        learners = [d for d in self.drafters if hasattr(d, "learn_text")]
+        if not learners:
+            raise ValueError("none of the merged drafters keeps a memory to learn from")
+        for d in learners:
+            d.learn_text(token_ids)
+
     def begin(self, prompt_ids: Sequence[int], sampling=None) -> MergedSession:
         return MergedSession(self, [begin_session(d, prompt_ids, sampling) for d in self.drafters])
 
