@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -24,6 +25,9 @@ from transformers import DynamicCache
 from .kv import keep_paths
 from .masks import Row, forward, pack
 from .tree import TokenTree
+
+
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {max_tokens: CostModel}
 
 
 class CostModel:
@@ -49,6 +53,15 @@ class CostModel:
         i = min(range(len(self.sizes)), key=lambda j: abs(self.sizes[j] - tokens))
         if self.sizes[i] == tokens:
             self.seconds[i] += self.smoothing * (seconds - self.seconds[i])
+
+    @classmethod
+    def of(cls, model, config, max_tokens: int) -> CostModel:
+        """The model's cost curve, measured once per process: engines of one model share it
+        (the curve belongs to the model and the machine, and is refined by every engine)."""
+        curves = _MEASURED.setdefault(model, {})
+        if max_tokens not in curves:
+            curves[max_tokens] = cls.measure(model, config, max_tokens)
+        return curves[max_tokens]
 
     @classmethod
     @torch.inference_mode()

@@ -95,7 +95,7 @@ class Engine:
         self.cost = self.calibration = None
         if adaptive:
             most = getattr(self.drafter, "decoding_length", 64) + 1
-            self.cost = CostModel.measure(model, self.config, most)
+            self.cost = CostModel.of(model, self.config, most)
             self.calibration = Calibration()
 
     @classmethod
