@@ -4,7 +4,7 @@ import pytest
 
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
-from triespec.budget import Calibration, CostModel, best_size, label
+from triespec.budget import Calibration, CostModel, best_size, edges, label
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -54,6 +54,29 @@ def test_a_cost_jump_needs_enough_expected_tokens_to_pay():
     assert best_size(scored_chain([0.4, 0.1]), 1, jump, Exact()) == 0  # 1.5 tokens for 1.7
     # a long prompt still to prefill: the tree's marginal cost is small
     assert best_size(scored_chain([0.2]), 40, CostModel([1, 64], [1.0, 2.0]), Exact()) == 1
+
+
+def test_a_sure_chain_is_worth_the_product_of_its_edge_rates():
+    """A trie path seen once scores 1.0 at every depth; if such edges are right 30% of
+    the time, 15 of them are worth 0.3 + 0.09 + ... ~ 0.43 tokens, not 15 x 0.3."""
+    cal = Calibration()
+    for accepted in [True] * 30 + [False] * 70:
+        cal.observe(1.0, accepted)
+    chain = scored_chain([1.0] * 15)
+    jump = CostModel([1, 2, 64], [1.0, 2.2, 4.0])  # Qwen 1.5B fp32 on this machine: 2 tokens cost 2.2
+    assert best_size(chain, 1, jump, cal) == 0
+    assert best_size(chain, 1, CostModel([1, 64], [1.0, 1.0]), cal) == 15  # free tokens: take them all
+    sure = Calibration()
+    for _ in range(100):
+        sure.observe(1.0, True)
+    assert best_size(chain, 1, jump, sure) == 15  # edges that are always right do pay
+
+
+def test_edges_count_a_node_only_where_its_parent_was_accepted():
+    tree = TokenTree((5, 6, 7, 9, 6), (-1, 0, 1, -1, 3))
+    # 9 (node 3) was rejected at the root, so its child (node 4) says nothing about its own edge
+    assert edges(tree, [5, 6, 8]) == [(0, True), (1, True), (2, False), (3, False)]
+    assert edges(tree, [9, 6]) == [(0, False), (3, True), (4, True)]
 
 
 def test_calibration_learns_the_observed_rate():

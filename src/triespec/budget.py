@@ -7,8 +7,8 @@ tree is cut to the m that maximises that ratio, m = 0 included.
 - `CostModel`: seconds per forward by tokens fed, measured on this machine at start-up
   and refined from real steps (the curve differs by hardware and dtype: on a CPU without
   AMX in fp32, 5 tokens cost 1.7x one token; on a GPU, about 1x).
-- `Calibration`: how often a node the drafter gave probability p is actually accepted,
-  learned from every proposed tree, including the ones that were cut and never
+- `Calibration`: how often a node the drafter gave probability p (given its parent) is
+  accepted when its parent is, learned from every proposed tree, including the ones that were cut and never
   verified: a tree is scored afterwards against the tokens that were generated
   ("shadow acceptance"), so the budget can come back up after it has gone to zero.
 """
@@ -110,14 +110,27 @@ class Calibration:
         self.accepted[b] += accepted
 
 
+def edge_score(tree: TokenTree, node: int) -> float:
+    """The drafter's probability of `node` given that its parent is right: tree scores
+    are path probabilities, so this is the node's score over its parent's."""
+    parent = tree.parents[node]
+    above = tree.scores[parent] if parent >= 0 else 1.0
+    return min(tree.scores[node] / above, 1.0) if above > 0 else 0.0
+
+
 def best_size(tree: TokenTree, pending: int, cost: CostModel, calibration: Calibration) -> int:
     """How many of the tree's first nodes maximise expected tokens per second.
 
-    Drafters list nodes likeliest first, so the first m nodes are the best m (and a
-    tree: parents come before children)."""
+    A node is accepted only if its parent is, so its chance is the product of the
+    calibrated rates of the edges on its path: a chain the drafter is sure of at every
+    edge (a trie path seen once) is worth 1 + r + r^2 + ..., not r per node. Drafters
+    list nodes likeliest first, so the first m nodes are the best m (and a tree:
+    parents come before children)."""
     best, best_rate, gain = 0, 1.0 / cost(pending), 1.0
-    for m, p in enumerate(tree.scores, start=1):
-        gain += calibration.rate(p)
+    reach: list[float] = []  # each node's chance of being accepted
+    for m, parent in enumerate(tree.parents, start=1):
+        reach.append((reach[parent] if parent >= 0 else 1.0) * calibration.rate(edge_score(tree, m - 1)))
+        gain += reach[-1]
         rate = gain / cost(pending + m)
         if rate > best_rate:
             best, best_rate = m, rate
@@ -143,3 +156,12 @@ def label(tree: TokenTree, realized: list[int]) -> list[tuple[int, bool]]:
         if ok is not None:
             decided.append((i, ok))
     return decided
+
+
+def edges(tree: TokenTree, realized: list[int]) -> list[tuple[int, bool]]:
+    """(node, accepted?) for the decided nodes whose parent was accepted (or is the
+    root): what the per-edge calibration learns from."""
+    decided = label(tree, realized)
+    accepted = dict(decided)
+    return [(node, ok) for node, ok in decided
+            if tree.parents[node] < 0 or accepted.get(tree.parents[node]) is True]

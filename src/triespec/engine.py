@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Calibration, CostModel, best_size, label
+from .budget import Calibration, CostModel, best_size, edge_score, edges
 from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
 from .masks import Row, attention_layout, forward, pack
@@ -279,8 +279,8 @@ class _Row:
         for start, tree in self.watch:
             realized = self.seq[start:]
             if len(realized) >= tree.depth or self.finish is not None:
-                for node, accepted in label(tree, realized):
-                    self.engine.calibration.observe(tree.scores[node], accepted)
+                for node, accepted in edges(tree, realized):
+                    self.engine.calibration.observe(edge_score(tree, node), accepted)
             else:
                 waiting.append((start, tree))
         self.watch = waiting
