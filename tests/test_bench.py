@@ -115,6 +115,15 @@ def test_summary_figures():
     assert s["trie"]["draft_share"] == 0.1
 
 
+def test_no_copy_oracle_share_for_draft_models():
+    results = _fake_results()
+    for r in results["records"]:
+        r["method"] = {"trie": "model", "trie:warm": "assisted"}.get(r["method"], r["method"])
+    s = harness.summarise(results)["qa"]
+    assert s["model"]["oracle_share"] is None and s["assisted"]["oracle_share"] is None
+    assert s["model"]["speedup"] == 4.0
+
+
 def test_report_files(tmp_path):
     paths = report.write(_fake_results(), tmp_path, "triespec bench --quick")
     loaded = json.loads(paths["json"].read_text())
