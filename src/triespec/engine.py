@@ -148,8 +148,7 @@ class Engine:
             ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             self._need_tokenizer("chat messages")
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if not isinstance(ids, list) else ids
+            ids = chat_ids(self.tokenizer, prompt)
         elif isinstance(prompt, (Sequence, torch.Tensor)):
             ids = [int(t) for t in (prompt.flatten().tolist() if isinstance(prompt, torch.Tensor) else prompt)]
         else:
@@ -475,6 +474,12 @@ class _TextStream:
 
     def finish(self, final_text: str) -> str:
         return final_text[self.sent :]
+
+
+def chat_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """The prompt of a chat, through the tokenizer's chat template, ready for the answer."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
 
 
 def _decode(tokenizer, ids: list[int]) -> str:

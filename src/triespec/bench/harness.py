@@ -247,9 +247,10 @@ def _load(name: str | None, dtype: str, log):
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    from ..engine import chat_ids
+
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+        return chat_ids(tokenizer, messages)
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]  # a base model: the plain text
 
 
