@@ -11,7 +11,10 @@ from triespec.cli import main
 
 def test_method_specs():
     spec = methods.parse("trie:parallel:warm:dl=16:bl=6")
-    assert (spec.base, spec.warm, spec.adaptive) == ("trie", True, False)
+    assert (spec.base, spec.warm, spec.adaptive) == ("trie", True, True)  # adaptive is the default
+    assert not methods.parse("trie:fixed:dl=8").adaptive
+    with pytest.raises(ValueError, match="one of"):
+        methods.parse("trie:fixed:adaptive")
     assert spec.drafter == {"mode": "parallel", "decoding_length": 16, "branch_length": 6}
     assert methods.parse("hybrid:adaptive").needs_draft_model
     assert not methods.parse("prompt-lookup").needs_draft_model
@@ -33,7 +36,7 @@ def test_config_checks():
         harness.check(harness.Config(n=0))
 
 
-@pytest.mark.parametrize("name", ["plain", "prompt-lookup", "trie", "trie:parallel"])
+@pytest.mark.parametrize("name", ["plain", "prompt-lookup", "trie", "trie:fixed", "trie:fixed:parallel"])
 def test_step_accounting_matches_output(name):
     """Every method's steps add up to its output, and every output is plain greedy's."""
     model = tiny_model("llama")
@@ -45,7 +48,7 @@ def test_step_accounting_matches_output(name):
     assert all(s >= 1 for s in out.tokens_per_step)
     if name == "plain":
         assert set(out.tokens_per_step) == {1}
-    elif name == "trie":
+    elif name == "trie:fixed":
         assert max(out.tokens_per_step) > 1  # the repetitive prompt is drafted from
 
 
@@ -57,7 +60,7 @@ def test_assisted_steps_count_target_forwards_only():
     assert sum(out.tokens_per_step) == len(out.token_ids)
 
 
-@pytest.mark.parametrize("name", ["model", "hybrid", "hybrid:warm"])
+@pytest.mark.parametrize("name", ["model", "hybrid", "hybrid:warm", "hybrid:fixed:warm"])
 def test_draft_model_methods_are_exact(name):
     model, draft = tiny_model("llama"), tiny_model("llama", seed=1)
     prompt = repetitive_prompt(5, length=40)
@@ -67,7 +70,7 @@ def test_draft_model_methods_are_exact(name):
     out = runner.run(prompt, 24)
     assert out.token_ids == expected
     assert sum(out.tokens_per_step) == len(expected)
-    if name == "hybrid:warm":
+    if name == "hybrid:fixed:warm":
         assert max(out.tokens_per_step) > 8  # drafted from the warmed memory
 
 

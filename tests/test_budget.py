@@ -4,7 +4,7 @@ import pytest
 
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
-from triespec.budget import Calibration, CostModel, best_size, edges, label
+from triespec.budget import Calibration, CostModel, Gate, best_size, best_sizes, edges, label
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -33,7 +33,7 @@ def scored_chain(scores):
 class Exact(Calibration):
     """A calibration that believes the drafter."""
 
-    def rate(self, p):
+    def rate(self, p, depth=1):
         return p
 
 
@@ -60,15 +60,17 @@ def test_a_sure_chain_is_worth_the_product_of_its_edge_rates():
     """A trie path seen once scores 1.0 at every depth; if such edges are right 30% of
     the time, 15 of them are worth 0.3 + 0.09 + ... ~ 0.43 tokens, not 15 x 0.3."""
     cal = Calibration()
-    for accepted in [True] * 30 + [False] * 70:
-        cal.observe(1.0, accepted)
+    for depth in range(1, 16):
+        for accepted in [True] * 30 + [False] * 70:
+            cal.observe(1.0, accepted, depth)
     chain = scored_chain([1.0] * 15)
     jump = CostModel([1, 2, 64], [1.0, 2.2, 4.0])  # Qwen 1.5B fp32 on this machine: 2 tokens cost 2.2
     assert best_size(chain, 1, jump, cal) == 0
     assert best_size(chain, 1, CostModel([1, 64], [1.0, 1.0]), cal) == 15  # free tokens: take them all
     sure = Calibration()
-    for _ in range(100):
-        sure.observe(1.0, True)
+    for depth in range(1, 16):
+        for _ in range(100):
+            sure.observe(1.0, True, depth)
     assert best_size(chain, 1, jump, sure) == 15  # edges that are always right do pay
 
 
@@ -81,13 +83,45 @@ def test_edges_count_a_node_only_where_its_parent_was_accepted():
 
 def test_calibration_learns_the_observed_rate():
     cal = Calibration()
-    assert cal.rate(0.55) == pytest.approx(0.55)  # the prior trusts the drafter
+    assert cal.rate(0.55) == 0.0  # pessimistic: nothing is worth verifying before evidence
     for _ in range(400):
         cal.observe(0.55, False)
     for _ in range(100):
         cal.observe(0.55, True)
     assert cal.rate(0.55) == pytest.approx(0.2, abs=0.01)
-    assert cal.rate(0.95) == pytest.approx(0.95)  # other bins untouched
+    assert cal.rate(0.95) == 0.0 and cal.rate(0.55, depth=2) == 0.0  # other cells untouched
+    for _ in range(10):
+        cal.observe(0.55, True, depth=7)
+    assert cal.rate(0.55, depth=5) == pytest.approx(10 / 14)  # depths 5 and deeper share a cell
+
+
+def test_the_scale_corrects_rates_that_overrate_whole_trees():
+    cal = Calibration()
+    for depth in (1, 2):
+        for _ in range(100):
+            cal.observe(1.0, True, depth)
+    chain = scored_chain([1.0, 1.0])
+    assert cal.scale == 1.0
+    for _ in range(20):  # each 2-node chain was worth ~2 tokens by the rates, and 1 was accepted
+        cal.learn(chain, [1, 9], size=2, expected=2.0)
+    assert cal.scale == pytest.approx(21 / 41)
+    jump = CostModel([1, 2, 3, 64], [1.0, 2.2, 2.6, 4.0])
+    assert best_size(chain, 1, jump, cal) == 0  # 1 + 2 x 0.51 tokens do not pay for 2.6
+    assert best_size(chain, 1, jump, Calibration()) == 0  # nor does anything before evidence
+
+
+def test_a_batch_spends_its_budget_on_the_likeliest_nodes_of_any_row():
+    sure, unsure = scored_chain([1.0] * 4), scored_chain([0.5, 0.25, 0.125, 0.0625])  # edges 1.0 and 0.5
+    cal = Exact()
+    flat = CostModel([1, 64], [1.0, 1.0])
+    assert best_sizes([sure, unsure], 2, flat, cal) == [4, 4]  # free tokens: every row takes all
+    # a compute-bound forward already fed 32 rows' tokens: each more token costs 1/64 more
+    loaded = CostModel([1, 32, 96], [1.0, 1.0, 2.0])
+    assert best_sizes([sure, unsure], 32, loaded, cal, others=30) == [4, 0]
+    # alone, the unsure row's nodes are free on the same curve
+    assert best_sizes([unsure], 1, loaded, cal)[0] == 4
+    assert best_sizes([unsure], 1, loaded, cal) == [best_size(unsure, 1, loaded, cal)]
+    assert best_sizes([TokenTree(), sure], 2, flat, cal) == [0, 4]
 
 
 def test_label_scores_a_tree_against_what_was_generated():
@@ -125,3 +159,61 @@ def test_adaptive_cut_follows_the_cost_curve():
     engine.cost = CostModel([1, 64], [1.0, 1.0])  # everything pays
     always = engine.generate(prompt, max_new_tokens=30)
     assert always.token_ids == expected and always.stats.steps < never.stats.steps
+
+
+def test_the_gate_backs_off_a_drafter_that_costs_more_than_it_brings():
+    cost = CostModel([1, 64], [1.0, 1.0])
+    gate = Gate(cost)
+    gate.observe(tokens=1, fed=1, draft_seconds=0.8, model_seconds=1.0)  # 1.8 s for one token
+    skipped = []
+    for _ in range(4):  # skips 1 step, then drafts and loses again, then skips 2
+        n = 0
+        while not gate.wanted():
+            n += 1
+        skipped.append(n)
+        gate.observe(tokens=1, fed=1, draft_seconds=0.8, model_seconds=1.0)
+    assert skipped == [1, 2, 4, 8]
+    for _ in range(8):
+        while not gate.wanted():
+            pass
+        gate.observe(tokens=4, fed=1, draft_seconds=0.8, model_seconds=1.0)  # 1.8 s for 4 tokens pays
+    assert gate.wanted() and gate.backoff == 1
+
+
+def test_the_gate_leaves_a_cheap_drafter_to_the_cut():
+    gate = Gate(CostModel([1, 64], [1.0, 1.0]))
+    for _ in range(5):
+        gate.observe(tokens=1, fed=1, draft_seconds=0.01, model_seconds=2.0)  # losing, but not by drafting
+        assert gate.wanted()
+
+
+class SlowWrongDrafter:
+    """Takes 30 ms to propose a wrong chain."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def begin(self, prompt_ids):
+        return self
+
+    def propose(self, max_nodes, max_depth):
+        import time
+        self.calls += 1
+        time.sleep(0.03)
+        n = min(4, max_depth, max_nodes)
+        return TokenTree((1,) * n, tuple(range(-1, n - 1)), (0.9,) * n) if n > 0 else TokenTree()
+
+    def learn(self, new_ids):
+        pass
+
+    def end(self):
+        pass
+
+
+def test_an_adaptive_engine_stops_running_a_drafter_that_does_not_pay():
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(1)
+    drafter = SlowWrongDrafter()
+    result = Engine(model, drafter=drafter, adaptive=True).generate(prompt, max_new_tokens=40)
+    assert result.token_ids == plain_greedy(model, prompt, 40)
+    assert drafter.calls < result.stats.steps / 2

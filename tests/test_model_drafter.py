@@ -25,7 +25,7 @@ def test_self_draft_is_accepted_fully_and_output_is_plain_greedy(arch):
     prompt = repetitive_prompt(2, length=30)
     expected = plain_greedy(model, prompt, 40)
     drafter = ModelDrafter(model, min_score=0.0)
-    result = Engine(model, drafter=drafter).generate(prompt, max_new_tokens=40)
+    result = Engine(model, drafter=drafter, adaptive=False).generate(prompt, max_new_tokens=40)
     assert result.token_ids == expected
     # every step but the last yields the whole depth (8) plus the bonus
     assert result.stats.tokens_per_step[:-1] == [9] * (len(result.stats.tokens_per_step) - 1)
@@ -52,7 +52,7 @@ def test_hybrid_with_a_useful_draft_beats_each_drafter_alone_in_steps():
     for name, drafter in [("trie", TrieDrafter(decoding_length=20)), ("model", ModelDrafter(model, widths=(1,) * 4, min_score=0)),
                           ("hybrid", MergedDrafter([TrieDrafter(decoding_length=20),
                                                     ModelDrafter(model, widths=(1,) * 4, min_score=0)]))]:
-        result = Engine(model, drafter=drafter).generate(prompt, max_new_tokens=60)
+        result = Engine(model, drafter=drafter, adaptive=False).generate(prompt, max_new_tokens=60)
         assert result.token_ids == expected
         assert max(result.stats.draft_sizes) <= 20
         steps[name] = result.stats.steps
@@ -301,7 +301,7 @@ def test_engine_samples_the_model_law_with_a_sampling_drafter(pair):
 def test_a_self_draft_under_sampling_is_always_accepted():
     # q equals p exactly (same model, same processors): multi-step sampling accepts every draft
     model = small_model(5)
-    engine = Engine(model, drafter=ModelDrafter(model, widths=(2, 1, 1), sample=True, min_score=0))
+    engine = Engine(model, drafter=ModelDrafter(model, widths=(2, 1, 1), sample=True, min_score=0), adaptive=False)
     result = engine.generate(PROMPT, max_new_tokens=20, seed=3, do_sample=True, temperature=0.9)
     assert result.stats.tokens_per_step[:-1] == [4] * (len(result.stats.tokens_per_step) - 1)
 

@@ -211,7 +211,7 @@ def test_engine_sampling_matches_the_model_law():
     # every first token is drafted, with every second token below it
     tree = TokenTree(tuple(range(8)) + tuple(b for a in range(8) for b in range(8)),
                      (-1,) * 8 + tuple(a for a in range(8) for _ in range(8)))
-    engine = Engine(model, drafter=ScriptedDrafter(lambda seq: tree))
+    engine = Engine(model, drafter=ScriptedDrafter(lambda seq: tree), adaptive=False)
     settings = dict(do_sample=True, temperature=0.8, top_k=5, repetition_penalty=1.3)
     g = torch.Generator().manual_seed(0)
     n, counts = 4000, {}

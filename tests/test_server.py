@@ -301,3 +301,16 @@ def test_warm_and_serve_commands(tmp_path, capsys):
         err = server.communicate(timeout=60)[1]
     assert server.returncode == 0, err
     assert trie.stat().st_mtime_ns > before  # saved at shutdown
+
+
+def test_serve_options_build_the_engine_they_say():
+    from triespec.cli import _serving_engine, build_parser
+    from triespec.loading import default_model_path
+
+    path = default_model_path()
+    plain = _serving_engine(build_parser().parse_args(["serve", "--no-draft"]), path)
+    assert isinstance(plain.drafter, NoDraft) and plain.cost is None
+    fixed = _serving_engine(build_parser().parse_args(["serve", "--no-adaptive", "--decoding-length", "8"]), path)
+    assert fixed.cost is None and fixed.drafter.decoding_length == 8
+    adaptive = _serving_engine(build_parser().parse_args(["serve"]), path)
+    assert adaptive.cost is not None and adaptive.drafter.decoding_length == 32

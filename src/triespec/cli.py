@@ -8,6 +8,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the bench report quotes its command
+    try:
+        return getattr(args, "run", _generate)(args)
+    except ValueError as e:
+        print(f"triespec: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triespec", description="Lossless speculative generation")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text from a prompt (stdin when omitted)")
@@ -18,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--decoding-length", type=int, default=32, help="most draft tokens verified per step")
     gen.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
     gen.add_argument("--mode", default="hierarchical", choices=["hierarchical", "parallel", "single"])
-    gen.add_argument("--adaptive", action="store_true",
-                     help="experimental: cut each draft to the size that pays on this machine (measured at start)")
+    gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                     help="cut each draft to the size that pays on this machine (default; --no-adaptive "
+                          "verifies --decoding-length tokens every step)")
     gen.add_argument("--draft-model", action="append", metavar="PATH",
                      help="small model with the same tokenizer, drafting token trees (repeatable)")
     gen.add_argument("--drafter", choices=["trie", "model", "hybrid"],
@@ -45,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--quick", action="store_true", help="2 tasks per workload: minutes, not hours")
     bench.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
-    bench.set_defaults(run=lambda args: _bench(args, argv))
+    bench.set_defaults(run=_bench)
     models = commands.add_parser("models", help="list the benchmark models, or fetch them (`models fetch NAME...`)")
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
     models.add_argument("names", nargs="*", help="models to fetch: the GGUF file, verified, and its dense fp32 copy")
@@ -61,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--decoding-length", type=int, default=32, help="most draft tokens verified per step")
     serve.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
     serve.add_argument("--no-draft", action="store_true", help="plain decoding (for comparison)")
+    serve.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                       help="cut each row's draft to what pays given the whole batch (default; --no-adaptive "
+                            "verifies --decoding-length tokens per row every step)")
     serve.add_argument("--max-batch", type=int, default=32, help="most requests in one forward pass")
     serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429")
     serve.add_argument("--trie", help="file the trie is loaded from at start and saved to (.npz)")
@@ -73,13 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     warm.add_argument("--branch-length", type=int, default=12, help="as the server will use it")
     serve.set_defaults(run=_serve)
     warm.set_defaults(run=_warm)
-    args = parser.parse_args(argv)
-
-    try:
-        return getattr(args, "run", _generate)(args)
-    except ValueError as e:
-        print(f"triespec: error: {e}", file=sys.stderr)
-        return 2
+    return parser
 
 
 def _generate(args) -> int:
@@ -123,7 +131,7 @@ def _generate(args) -> int:
     return 0
 
 
-def _bench(args, argv) -> int:
+def _bench(args) -> int:
     import shlex
 
     from .bench import harness, report
@@ -141,7 +149,7 @@ def _bench(args, argv) -> int:
     harness.check(config)  # before loading anything
     _quiet_transformers()
     results = harness.run(config, log=lambda msg: print(msg, file=sys.stderr))
-    command = "triespec " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "triespec " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     paths = report.write(results, args.out, command)
     print(paths["markdown"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
@@ -188,8 +196,6 @@ def _serve(args) -> int:
 
     import uvicorn
 
-    from .drafters import NoDraft
-    from .engine import Engine
     from .loading import default_model_path
     from .server import create_app
 
@@ -198,9 +204,7 @@ def _serve(args) -> int:
     _quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     path = args.model or default_model_path()
-    config = {"drafter": NoDraft()} if args.no_draft else {
-        "decoding_length": args.decoding_length, "branch_length": args.branch_length}
-    engine = Engine.from_pretrained(path, dtype=args.dtype, **config)
+    engine = _serving_engine(args, path)
     local = Path(path.rstrip("/"))
     # a hub id as given; a local file or folder by its name (without .gguf)
     name = args.model_name or ((local.stem if local.suffix == ".gguf" else local.name) if local.exists() else path)
@@ -208,6 +212,18 @@ def _serve(args) -> int:
                      trie_path=args.trie, save_interval=args.save_interval, warm_from=args.warm_from)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _serving_engine(args, path):
+    from .drafters import NoDraft
+    from .engine import Engine
+    from .loading import load
+
+    if args.no_draft:
+        model, tokenizer = load(path, dtype=args.dtype)
+        return Engine(model, tokenizer, drafter=NoDraft(), adaptive=False)
+    return Engine.from_pretrained(path, dtype=args.dtype, decoding_length=args.decoding_length,
+                                  branch_length=args.branch_length, adaptive=args.adaptive)
 
 
 def _warm(args) -> int:
@@ -221,7 +237,7 @@ def _warm(args) -> int:
         raise ValueError(f"{args.corpus}: no such file")
     _quiet_transformers()
     model, tokenizer = load(args.model or default_model_path(), dtype="float32")
-    engine = Engine(model, tokenizer, branch_length=args.branch_length)
+    engine = Engine(model, tokenizer, branch_length=args.branch_length, adaptive=False)  # it only learns
     fp = fingerprint(tokenizer, engine.vocab_size)
     if Path(args.trie).exists():
         engine.drafter.memory = load_trie(args.trie, fp, engine.drafter.memory.max_nodes)

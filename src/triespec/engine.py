@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Calibration, CostModel, best_size, edge_score, edges
+from .budget import Calibration, CostModel, Gate, best_sizes, expected_tokens
 from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
 from .masks import Row, attention_layout, forward, pack
@@ -72,11 +72,12 @@ class Engine:
 
     Engine(model, tokenizer, decoding_length=32, branch_length=12, mode="hierarchical", ...)
     builds a TrieDrafter from the keyword arguments; pass `drafter=` for another one.
-    adaptive=True (experimental) measures this machine's forward cost at start-up and
-    cuts each tree to the size with the best expected tokens per second, down to none.
+    adaptive (the default) measures this machine's forward cost at start-up and cuts each
+    tree to the size with the best expected tokens per second, down to none (budget.py);
+    adaptive=False verifies every tree whole, `decoding_length` nodes at most.
     """
 
-    def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, adaptive: bool = False,
+    def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, adaptive: bool = True,
                  **drafter_config):
         if drafter is not None and drafter_config:
             raise ValueError(f"pass either drafter= or drafter settings, not both (got {sorted(drafter_config)})")
@@ -92,15 +93,16 @@ class Engine:
         if hasattr(self.drafter, "bind"):  # a draft model: same vocabulary as the target, or ValueError
             self.drafter.bind(model, tokenizer)
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
-        self.cost = self.calibration = None
+        self.cost = self.calibration = self.gate = None
         if adaptive:
             most = getattr(self.drafter, "decoding_length", 64) + 1
             self.cost = CostModel.of(model, self.config, most)
             self.calibration = Calibration()
+            self.gate = Gate(self.cost)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
-                        draft_model=None, drafter: str | None = None, widths=None, adaptive: bool = False,
+                        draft_model=None, drafter: str | None = None, widths=None, adaptive: bool = True,
                         **trie_config):
         """Load a model (hub id, folder or .gguf) and build its drafter.
 
@@ -250,8 +252,9 @@ class _Row:
         self.stats = Stats(prompt_tokens=len(ids))
         self.session = None
         self.tree = TokenTree()
-        self.watch: list[tuple[int, TokenTree]] = []  # proposed trees waiting to be scored
+        self.watch: list[tuple[int, TokenTree, int, float]] = []  # proposed trees waiting to be scored
         self.cancelled = False  # set by _Batch.cancel: leave at the next step
+        self.drafted, self.step_draft = False, 0.0  # this step: whether the drafter ran, and its time
         self.started = time.perf_counter()  # when the row joined its batch
 
     def draft(self) -> None:
@@ -260,28 +263,40 @@ class _Row:
         if self.session is None:
             self.session = begin_session(engine.drafter, self.ids, self.sampling)
         # every token past the limit would be thrown away
-        tree = self.session.propose(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
-        if engine.cost is not None and tree.scores is not None and len(tree):
-            self.watch.append((len(self.seq), tree))
-            cut = tree.prefix(max_nodes=best_size(tree, len(self.pending), engine.cost, engine.calibration))
-            if cut is not tree and cut.draft_probs is not None:
-                # the cut depends on the drafted tokens' scores, so the kept nodes are no longer
-                # plain draws from their q: verify them one-hot, which is exact for any tree
-                cut = TokenTree(cut.tokens, cut.parents, cut.scores)
-            tree = cut
-        self.tree = tree
-        self.stats.draft_time += time.perf_counter() - t0
+        self.drafted = engine.gate is None or engine.gate.wanted()
+        if self.drafted:
+            self.tree = self.session.propose(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
+        else:
+            self.tree = TokenTree()
+        if self.cuttable:
+            self.watch.append((len(self.seq), self.tree, 0, 0.0))  # the cut fills in size and expected tokens
+        self.step_draft = time.perf_counter() - t0
+        self.stats.draft_time += self.step_draft
+
+    @property
+    def cuttable(self) -> bool:
+        """Whether the adaptive budget may cut this step's tree (it needs the drafter's scores)."""
+        return self.engine.cost is not None and self.tree.scores is not None and len(self.tree) > 0
+
+    def cut(self, size: int) -> None:
+        start, tree, _, _ = self.watch[-1]
+        self.watch[-1] = (start, tree, size, expected_tokens(tree, size, self.engine.calibration))
+        cut = self.tree.prefix(max_nodes=size)
+        if cut is not self.tree and cut.draft_probs is not None:
+            # the cut depends on the drafted tokens' scores, so the kept nodes are no longer
+            # plain draws from their q: verify them one-hot, which is exact for any tree
+            cut = TokenTree(cut.tokens, cut.parents, cut.scores)
+        self.tree = cut
 
     def _score_watched(self) -> None:
         """Teach the calibration what became of every proposed tree, verified or cut."""
         waiting = []
-        for start, tree in self.watch:
+        for start, tree, size, expected in self.watch:
             realized = self.seq[start:]
             if len(realized) >= tree.depth or self.finish is not None:
-                for node, accepted in edges(tree, realized):
-                    self.engine.calibration.observe(edge_score(tree, node), accepted)
+                self.engine.calibration.learn(tree, realized, size, expected)
             else:
-                waiting.append((start, tree))
+                waiting.append((start, tree, size, expected))
         self.watch = waiting
 
     def verify(self, logits: torch.Tensor) -> Verdict:
@@ -379,15 +394,20 @@ class _Batch:
         # 1. draft, per row
         for row in active:
             row.draft()
+        if engine.cost is not None:
+            self._cut()
         # 2. forward every row's pending tokens and tree together
         t0 = time.perf_counter()
         logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], self.width, self.cache)
         model_time = time.perf_counter() - t0
-        if engine.cost is not None and len(active) == 1:
-            engine.cost.observe(len(active[0].pending) + len(active[0].tree), model_time)
+        if engine.cost is not None:
+            engine.cost.observe(sum(len(r.pending) + len(r.tree) for r in active), model_time)
         # 3. verify: accepted draft tokens + the bonus token, per row
         verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
         # 4. commit the accepted paths' KV, drop the rest
+        if engine.gate is not None and len(active) == 1 and active[0].drafted:
+            row = active[0]
+            engine.gate.observe(len(verdicts[0].tokens), len(row.pending), row.step_draft, model_time)
         kept = []
         for row, verdict, first in zip(active, verdicts, starts):  # first: the row's first new entry
             kept.append((row.past, [first + i for i in range(len(row.pending))]
@@ -402,6 +422,22 @@ class _Batch:
             row.stats.total_time = time.perf_counter() - row.started
         self._leave([b for b, row in enumerate(active) if row.finish is not None])
         return step
+
+    def _cut(self) -> None:
+        """The adaptive budget, over the whole batch: one forward feeds every row, so each
+        tree is cut to what pays given all the tokens the others feed."""
+        t0 = time.perf_counter()
+        engine, rows = self.engine, [row for row in self.active if row.cuttable]
+        if not rows:
+            return
+        fed = sum(len(r.pending) + (0 if r in rows else len(r.tree)) for r in self.active)
+        sizes = best_sizes([row.tree for row in rows], fed, engine.cost, engine.calibration,
+                           others=len(self.active) - len(rows))
+        for row, size in zip(rows, sizes):
+            row.cut(size)
+        spent = (time.perf_counter() - t0) / len(rows)
+        for row in rows:
+            row.stats.draft_time += spent
 
     def _leave(self, gone: list[int]) -> None:
         if not gone:

@@ -10,8 +10,10 @@ A method is named by a spec string:
     hybrid[:opts]      triespec with the trie and the draft model merged
 
 opts, separated by ':': `warm` (the trie memory first learns the model's own answers to
-a disjoint split of the workload, the Lookahead paper's protocol), `adaptive`,
-`hierarchical|parallel|single`, `dl=N` (decoding length), `bl=N` (branch length).
+a disjoint split of the workload, the Lookahead paper's protocol), `fixed` (verify
+every tree whole instead of the engine's default adaptive cut; `adaptive` says the
+default explicitly), `hierarchical|parallel|single`, `dl=N` (decoding length, the most
+nodes a tree may have), `bl=N` (branch length).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ TRANSFORMERS = {
     "assisted": {},  # assistant_model added when built
 }
 TRIESPEC = ("trie", "model", "hybrid")
-DEFAULT = ("plain", "prompt-lookup", "trie", "trie:warm", "trie:parallel:warm")
+DEFAULT = ("plain", "prompt-lookup", "trie", "trie:warm", "trie:fixed", "trie:fixed:warm")
 WITH_DRAFT_MODEL = ("assisted", "model", "hybrid", "hybrid:warm")
 MODES = ("hierarchical", "parallel", "single")
 
@@ -46,7 +48,7 @@ class Spec:
     name: str
     base: str
     warm: bool = False
-    adaptive: bool = False
+    adaptive: bool = True
     drafter: dict = field(default_factory=dict)  # TrieDrafter settings
 
     @property
@@ -62,21 +64,23 @@ def parse(name: str) -> Spec:
         return Spec(name, base)
     if base not in TRIESPEC:
         raise ValueError(f"unknown method {name!r}; use {', '.join([*TRANSFORMERS, *TRIESPEC])} (see triespec bench --help)")
-    warm = adaptive = False
+    warm, adaptive = False, None
     drafter: dict = {}
     for opt in opts:
         key, _, value = opt.partition("=")
         if opt == "warm":
             warm = True
-        elif opt == "adaptive":
-            adaptive = True
+        elif opt in ("adaptive", "fixed"):
+            if adaptive is not None:
+                raise ValueError(f"method {name!r}: give one of 'adaptive' and 'fixed'")
+            adaptive = opt == "adaptive"
         elif opt in MODES:
             drafter["mode"] = opt
         elif key in ("dl", "bl") and value.isdigit() and int(value) > 0:
             drafter["decoding_length" if key == "dl" else "branch_length"] = int(value)
         else:
-            raise ValueError(f"method {name!r}: unknown option {opt!r} (warm, adaptive, {'|'.join(MODES)}, dl=N, bl=N)")
-    return Spec(name, base, warm, adaptive, drafter)
+            raise ValueError(f"method {name!r}: unknown option {opt!r} (warm, fixed, adaptive, {'|'.join(MODES)}, dl=N, bl=N)")
+    return Spec(name, base, warm, adaptive is not False, drafter)
 
 
 class Generate:
