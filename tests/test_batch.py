@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from conftest import EOS, make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
 from triespec.kv import keep_paths
-from triespec.masks import Row, pack
+from triespec.masks import Row, pack, with_cache
 
 
 def ragged_prompts(seed: int) -> list[list[int]]:
@@ -28,9 +28,9 @@ def test_batch_rows_equal_single_rows_and_plain_greedy(arch):
     prompts = ragged_prompts(1)
     limits = [40, 7, 25, 33]  # rows finish at very different steps
     expected = [plain_greedy(model, p, n) for p, n in zip(prompts, limits)]
-    batch = Engine(model, decoding_length=12, branch_length=5).generate(prompts, max_new_tokens=limits)
+    batch = Engine(model, adaptive=False, decoding_length=12, branch_length=5).generate(prompts, max_new_tokens=limits)
     assert [r.token_ids for r in batch] == expected
-    single = [Engine(model, decoding_length=12, branch_length=5).generate(p, max_new_tokens=n).token_ids
+    single = [Engine(model, adaptive=False, decoding_length=12, branch_length=5).generate(p, max_new_tokens=n).token_ids
               for p, n in zip(prompts, limits)]
     assert single == expected
 
@@ -38,7 +38,7 @@ def test_batch_rows_equal_single_rows_and_plain_greedy(arch):
 def test_generate_takes_a_list_of_prompts():
     model = tiny_model("qwen2")
     prompts = ragged_prompts(2)
-    results = Engine(model, decoding_length=16, branch_length=6).generate(prompts, max_new_tokens=30)
+    results = Engine(model, adaptive=False, decoding_length=16, branch_length=6).generate(prompts, max_new_tokens=30)
     assert [r.token_ids for r in results] == [plain_greedy(model, p, 30) for p in prompts]
     assert all(r.stats.steps >= 1 for r in results)
 
@@ -49,7 +49,7 @@ def test_batch_with_memory_drafts_and_eos():
     free = [plain_greedy(model, p, 30, eos_token_id=None) for p in prompts]
     model.generation_config.eos_token_id = free[0][11]  # row 0 (at least) ends early on EOS
     expected = [plain_greedy(model, p, 30) for p in prompts]
-    engine = Engine(model, decoding_length=16, branch_length=6)
+    engine = Engine(model, adaptive=False, decoding_length=16, branch_length=6)
     engine.generate(prompts, max_new_tokens=30)
     again = engine.generate(prompts, max_new_tokens=30)  # drafted from memory: long accepted paths
     assert [r.token_ids for r in again] == expected
@@ -60,7 +60,7 @@ def test_batch_with_memory_drafts_and_eos():
 def test_sampled_batch_rows_equal_their_single_runs():
     model = make_model("llama", seed=4)
     prompts = ragged_prompts(4)
-    engine = Engine(model, decoding_length=8)
+    engine = Engine(model, adaptive=False, decoding_length=8)
     settings = dict(max_new_tokens=20, do_sample=True, temperature=0.8, seed=7)
     batch = engine.generate(prompts, **settings)
     assert [r.token_ids for r in batch] == [engine.generate(p, **settings).token_ids for p in prompts]
@@ -82,7 +82,7 @@ def test_keep_paths_moves_each_rows_entries_behind_its_prefix():
     cache = DynamicCache()
     model = tiny_model("llama")
     with torch.no_grad():
-        model(torch.arange(1, 13).view(2, 6), past_key_values=cache, use_cache=True)
+        model(torch.arange(1, 13).view(2, 6), **with_cache(model, cache))
     before = [layer.keys.clone() for layer in cache.layers]
     width = keep_paths(cache, [(1, [3, 5]), (4, [4])])
     assert width == 5

@@ -4,6 +4,7 @@ import pytest
 
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
+from triespec.drafters import MergedDrafter, ModelDrafter, TrieDrafter
 from triespec.budget import Calibration, CostModel, Gate, best_size, best_sizes, edges, label
 
 
@@ -152,11 +153,12 @@ def test_adaptive_cut_follows_the_cost_curve():
     engine = Engine(model, decoding_length=16, branch_length=6, adaptive=True)
     engine.generate(prompt, max_new_tokens=30)  # the memory now holds the answer
 
-    engine.cost = CostModel([1, 64], [1.0, 64.0])  # nothing pays
+    # smoothing=0: real steps (a millisecond each) must not reshape the curves under test
+    engine.cost = CostModel([1, 64], [1.0, 64.0], smoothing=0.0)  # nothing pays
     never = engine.generate(prompt, max_new_tokens=30)
     assert never.token_ids == expected and set(never.stats.draft_sizes[1:]) == {0}
 
-    engine.cost = CostModel([1, 64], [1.0, 1.0])  # everything pays
+    engine.cost = CostModel([1, 64], [1.0, 1.0], smoothing=0.0)  # everything pays
     always = engine.generate(prompt, max_new_tokens=30)
     assert always.token_ids == expected and always.stats.steps < never.stats.steps
 
@@ -180,15 +182,18 @@ def test_the_gate_backs_off_a_drafter_that_costs_more_than_it_brings():
     assert gate.wanted() and gate.backoff == 1
 
 
-def test_the_gate_leaves_a_cheap_drafter_to_the_cut():
-    gate = Gate(CostModel([1, 64], [1.0, 1.0]))
-    for _ in range(5):
-        gate.observe(tokens=1, fed=1, draft_seconds=0.01, model_seconds=2.0)  # losing, but not by drafting
-        assert gate.wanted()
+def test_only_drafters_that_run_forwards_are_gated():
+    model = tiny_model("llama")
+    assert Engine(model).gate is None  # the trie: the cut alone decides
+    assert Engine(model, drafter=ModelDrafter(model)).gate is not None
+    assert Engine(model, drafter=MergedDrafter([TrieDrafter(), ModelDrafter(model)])).gate is not None
+    assert Engine(model, drafter=ModelDrafter(model), adaptive=False).gate is None
 
 
 class SlowWrongDrafter:
     """Takes 30 ms to propose a wrong chain."""
+
+    costly = True
 
     def __init__(self):
         self.calls = 0
@@ -217,3 +222,29 @@ def test_an_adaptive_engine_stops_running_a_drafter_that_does_not_pay():
     result = Engine(model, drafter=drafter, adaptive=True).generate(prompt, max_new_tokens=40)
     assert result.token_ids == plain_greedy(model, prompt, 40)
     assert drafter.calls < result.stats.steps / 2
+
+
+def test_a_gated_hybrid_still_drafts_from_the_trie():
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(1)
+    expected = plain_greedy(model, prompt, 40)
+    slow = SlowWrongDrafter()
+    engine = Engine(model, drafter=MergedDrafter([TrieDrafter(decoding_length=16), slow]))
+    engine.gate.skip = 10**6  # the draft model never pays
+    engine.calibration = Exact()  # and the trie's drafts are trusted
+    result = engine.generate(prompt, max_new_tokens=40)
+    assert result.token_ids == expected and slow.calls == 0
+    assert max(result.stats.draft_sizes) > 0
+
+
+def test_an_adaptive_batch_stays_exact():
+    model = tiny_model("llama")
+    prompts = [repetitive_prompt(seed) for seed in range(3)]
+    expected = [plain_greedy(model, p, 30) for p in prompts]
+    engine = Engine(model, decoding_length=16, branch_length=6)
+    for answer in expected[:2]:
+        engine.drafter.learn_text(answer)
+    engine.calibration = Exact()  # trust the trie, so that the batch's cut keeps nodes
+    results = engine.generate(prompts, max_new_tokens=30)
+    assert [r.token_ids for r in results] == expected
+    assert max(max(r.stats.draft_sizes) for r in results) > 0

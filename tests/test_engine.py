@@ -35,7 +35,7 @@ def oracle(reference: list[int], wrong_first: bool = False):
 @pytest.mark.parametrize("repeat", [False, True])
 def test_trie_engine_matches_plain_greedy(arch, repeat):
     model = tiny_model(arch)
-    engine = Engine(model, decoding_length=16, branch_length=6)
+    engine = Engine(model, adaptive=False, decoding_length=16, branch_length=6)
     for seed in range(3):
         rng = random.Random(seed)
         prompt = repetitive_prompt(seed) if repeat else [rng.randrange(1, EOS) for _ in range(20)]
@@ -49,7 +49,7 @@ def test_trie_engine_matches_plain_greedy(arch, repeat):
 @pytest.mark.parametrize("mode", ["hierarchical", "parallel", "single"])
 def test_trie_modes_match_plain_greedy_and_accept_drafts(mode):
     model = tiny_model("llama")
-    engine = Engine(model, decoding_length=24, branch_length=8, mode=mode)
+    engine = Engine(model, adaptive=False, decoding_length=24, branch_length=8, mode=mode)
     prompt = repetitive_prompt(7)
     expected = plain_greedy(model, prompt, 64)
     first = engine.generate(prompt, max_new_tokens=64)
@@ -114,7 +114,7 @@ def test_max_new_tokens_reached_mid_path(max_new_tokens):
 def test_generation_stops_at_the_end_of_the_context():
     model = tiny_model("llama")
     prompt = [random.Random(0).randrange(1, EOS) for _ in range(CONTEXT - 10)]
-    result = Engine(model, decoding_length=8).generate(prompt, max_new_tokens=50)
+    result = Engine(model, adaptive=False, decoding_length=8).generate(prompt, max_new_tokens=50)
     assert len(result.token_ids) == 10 and result.finish_reason == "length"
     assert result.token_ids == plain_greedy(model, prompt, 10)
 
@@ -147,7 +147,7 @@ def test_property_random_prompts_tries_and_trees(prompt, repeat, memory, tree_se
         drafter.learn_text(text)
     drafter.learn_text(expected[: len(expected) // 2])
     drafter.memory.check()
-    assert Engine(model, drafter=drafter).generate(prompt, max_new_tokens=max_new_tokens).token_ids == expected
+    assert Engine(model, drafter=drafter, adaptive=False).generate(prompt, max_new_tokens=max_new_tokens).token_ids == expected
 
     # random tree shapes mixing true and false tokens
     rng = random.Random(tree_seed)

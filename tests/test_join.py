@@ -38,7 +38,7 @@ def test_rows_joining_mid_run_equal_plain_greedy(arch):
     model = tiny_model(arch)
     prompts, limits = prompts_and_limits(5)
     expected = [plain_greedy(model, p, n) for p, n in zip(prompts, limits)]
-    engine = Engine(model, decoding_length=12, branch_length=5)
+    engine = Engine(model, adaptive=False, decoding_length=12, branch_length=5)
     for _ in range(2):  # the second round drafts from memory: long accepted paths, rows at other widths
         rows = [engine._row(p, n, None, {}) for p, n in zip(prompts, limits)]
         sizes = run_with_joins(engine, rows, join_at=[0, 3, 4, 9, 25])
@@ -51,7 +51,7 @@ def test_rows_joining_mid_run_equal_plain_greedy(arch):
 def test_row_joining_an_emptied_batch_starts_a_fresh_cache():
     model = tiny_model("llama")
     prompts, limits = prompts_and_limits(6)
-    engine = Engine(model, decoding_length=8)
+    engine = Engine(model, adaptive=False, decoding_length=8)
     rows = [engine._row(prompts[0], 3, None, {}), engine._row(prompts[2], 10, None, {})]
     run_with_joins(engine, rows, join_at=[0, 8])  # the first row is gone by step 8
     assert rows[1].result().token_ids == plain_greedy(model, prompts[2], 10)
@@ -60,7 +60,7 @@ def test_row_joining_an_emptied_batch_starts_a_fresh_cache():
 def test_sampled_row_joining_mid_run_equals_its_single_run():
     model = make_model("llama", seed=4)
     prompts, limits = prompts_and_limits(7)
-    engine = Engine(model, decoding_length=8)
+    engine = Engine(model, adaptive=False, decoding_length=8)
     settings = dict(do_sample=True, temperature=0.8, seed=11)
     alone = [engine.generate(p, max_new_tokens=n, **settings).token_ids for p, n in zip(prompts, limits)]
     rows = [engine._row(p, n, None, settings) for p, n in zip(prompts, limits)]
@@ -71,7 +71,7 @@ def test_sampled_row_joining_mid_run_equals_its_single_run():
 def test_cancelled_row_leaves_at_the_next_step():
     model = tiny_model("mistral")
     prompts, limits = prompts_and_limits(8)
-    engine = Engine(model, decoding_length=8, branch_length=4)
+    engine = Engine(model, adaptive=False, decoding_length=8, branch_length=4)
     rows = [engine._row(p, 30, None, {}) for p in prompts[:3]]
     batch = _Batch(engine, rows)
     for _ in range(3):

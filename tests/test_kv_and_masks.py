@@ -5,19 +5,19 @@ from transformers import DynamicCache
 from conftest import tiny_config, tiny_model
 from triespec import TokenTree
 from triespec.kv import keep_path
-from triespec.masks import Row, attention_layout, pack
+from triespec.masks import Row, attention_layout, pack, with_cache
 
 
 def forward(model, pending, tree, past, cache):
     packed = pack([Row(pending, tree, past)], past, model.dtype, model.config, None)
     return model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                 attention_mask=packed.attention_mask, past_key_values=cache, use_cache=True).logits[0]
+                 attention_mask=packed.attention_mask, **with_cache(model, cache)).logits[0]
 
 
 def cache_of(model, ids) -> DynamicCache:
     cache = DynamicCache()
     with torch.no_grad():
-        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([ids]), **with_cache(model, cache))
     return cache
 
 

@@ -12,6 +12,7 @@ from test_sampling import chi_square_p_value, max_z, processed_law
 from triespec import Engine, MergedDrafter, ModelDrafter, TokenTree, TrieDrafter
 from triespec.drafters import merge
 from triespec.drafters.model import tree_shape
+from triespec.masks import with_cache
 from triespec.sampling import TreeScores, sampling_settings
 from triespec.verify import verify_sampling
 
@@ -138,7 +139,7 @@ def test_draft_cache_follows_the_accepted_path(arch):
         assert len(session.pending) >= 1
         fresh = DynamicCache()
         with torch.no_grad():
-            draft(torch.tensor([seq[: session.past]]), past_key_values=fresh, use_cache=True)
+            draft(torch.tensor([seq[: session.past]]), **with_cache(draft, fresh))
         for got, want in zip(cache_keys(session.cache, session.past), cache_keys(fresh, session.past)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # and the next draft's logits are a from-scratch forward's

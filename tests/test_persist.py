@@ -112,10 +112,10 @@ def test_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
 def test_loaded_memory_drafts_like_the_one_that_learned(tmp_path):
     model = tiny_model("llama")
     prompt = repetitive_prompt(3, 30)
-    first = Engine(model, decoding_length=16, branch_length=8)
+    first = Engine(model, adaptive=False, decoding_length=16, branch_length=8)
     cold = first.generate(prompt, max_new_tokens=40)
     save_trie(first.drafter.memory, tmp_path / "t.npz", FP)
-    second = Engine(model, decoding_length=16, branch_length=8)
+    second = Engine(model, adaptive=False, decoding_length=16, branch_length=8)
     second.drafter.memory = load_trie(tmp_path / "t.npz", FP)
     warm_run = second.generate(prompt, max_new_tokens=40)
     assert warm_run.token_ids == cold.token_ids == plain_greedy(model, prompt, 40)
@@ -136,7 +136,7 @@ def test_warm_from_jsonl_drafts_the_answers(tmp_path):
         "",
         json.dumps({"text": "free text is learned too"}),
     ]))
-    fresh = Engine(engine.model, engine.tokenizer, decoding_length=16)
+    fresh = Engine(engine.model, engine.tokenizer, decoding_length=16, adaptive=False)  # what warm holds, all verified
     assert warm(fresh, corpus) == 3
     again = fresh.generate(messages, max_new_tokens=24)
     assert again.token_ids == cold.token_ids
@@ -145,3 +145,25 @@ def test_warm_from_jsonl_drafts_the_answers(tmp_path):
     with pytest.raises(ValueError, match="line 1"):
         warm(fresh, corpus)
     assert fingerprint(engine.tokenizer, engine.vocab_size) != fingerprint(None, engine.vocab_size)
+
+
+def test_the_budget_calibration_is_saved_with_the_trie(tmp_path):
+    from triespec.budget import Calibration
+    from triespec.persist import load_calibration, write_arrays
+
+    learned = Calibration()
+    for depth, accepted in [(1, True), (1, False), (3, True), (7, True)]:
+        learned.observe(0.9, accepted, depth)
+    learned.expected, learned.realized = 12.5, 7.0
+    write_arrays(flatten(filled_trie()), tmp_path / "t.npz", FP, calibration=learned.state())
+    restored = Calibration()
+    restored.restore(load_calibration(tmp_path / "t.npz"))
+    assert [restored.rate(0.9, d) for d in (1, 3, 7)] == [learned.rate(0.9, d) for d in (1, 3, 7)]
+    assert restored.scale == learned.scale != 1.0
+    assert len(load_trie(tmp_path / "t.npz", FP)) == len(filled_trie())
+
+    save_trie(filled_trie(), tmp_path / "bare.npz", FP)  # saved without one
+    assert load_calibration(tmp_path / "bare.npz") is None
+    for bad in (learned.state()[:-1], -learned.state(), np.full_like(learned.state(), np.nan)):
+        with pytest.raises(ValueError, match="calibration"):
+            Calibration().restore(bad)

@@ -229,7 +229,7 @@ def test_a_seed_fixes_the_text_whatever_the_drafts():
     prompt = [5, 6, 7, 5, 6, 7, 5, 6]
     settings = dict(max_new_tokens=30, do_sample=True, temperature=0.7)
     plain = Engine(model, drafter=NoDraft())
-    speculative = Engine(model, decoding_length=16, branch_length=6)
+    speculative = Engine(model, adaptive=False, decoding_length=16, branch_length=6)
     for seed in (1, 2, 3):
         expected = plain.generate(prompt, seed=seed, **settings)
         first = speculative.generate(prompt, seed=seed, **settings)
@@ -244,7 +244,7 @@ def test_greedy_with_repetition_penalty_matches_plain_greedy():
     model = make_model("qwen2", seed=7)
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
     expected = plain_greedy(model, prompt, 30, repetition_penalty=1.5)
-    engine = Engine(model, decoding_length=16, branch_length=6)
+    engine = Engine(model, adaptive=False, decoding_length=16, branch_length=6)
     engine.generate(prompt, max_new_tokens=30)  # the memory now holds the unpenalised answer
     assert engine.generate(prompt, max_new_tokens=30, repetition_penalty=1.5).token_ids == expected
 
@@ -289,7 +289,7 @@ def test_a_users_logits_processor_applies_as_in_generate():
     prompt = [3, 8, 3, 8, 3, 8, 3]
     processors = LogitsProcessorList([BanEvenAfterOdd()])
     expected = plain_greedy(model, prompt, 25, logits_processor=processors)
-    engine = Engine(model, decoding_length=12, branch_length=5)
+    engine = Engine(model, adaptive=False, decoding_length=12, branch_length=5)
     engine.generate(prompt, max_new_tokens=25)  # memory of the unconstrained answer: drafts to reject
     result = engine.generate(prompt, max_new_tokens=25, logits_processor=processors)
     assert result.token_ids == expected

@@ -27,7 +27,7 @@ class Collector:
 
 def test_requests_submitted_while_running_get_their_plain_greedy_output():
     model = tiny_model("gemma3")
-    engine = Engine(model, decoding_length=8, branch_length=4)
+    engine = Engine(model, adaptive=False, decoding_length=8, branch_length=4)
     prompts = [repetitive_prompt(s, 10 + 7 * s) for s in range(6)]
     scheduler = Scheduler(engine, max_batch=4, max_queue=8)
     scheduler.start()
@@ -47,7 +47,7 @@ def test_requests_submitted_while_running_get_their_plain_greedy_output():
 
 def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on(monkeypatch):
     model = tiny_model("llama")
-    engine = Engine(model, decoding_length=8)
+    engine = Engine(model, adaptive=False, decoding_length=8)
     real, calls = engine._forward, []
 
     def flaky(*args):

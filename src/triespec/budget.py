@@ -2,15 +2,19 @@
 
 Goodput (SmartSpec, arXiv 2406.14066): a step that feeds k pending tokens and m draft
 nodes yields 1 + (expected accepted tokens) tokens and costs cost(k + m) seconds. The
-tree is cut to the m that maximises that ratio, m = 0 included.
+tree is cut to the m that maximises that ratio, m = 0 included; in a batch, the rows'
+nodes compete for one forward (`best_sizes`).
 
 - `CostModel`: seconds per forward by tokens fed, measured on this machine at start-up
   and refined from real steps (the curve differs by hardware and dtype: on a CPU without
-  AMX in fp32, 5 tokens cost 1.7x one token; on a GPU, about 1x).
-- `Calibration`: how often a node the drafter gave probability p (given its parent) is
-  accepted when its parent is, learned from every proposed tree, including the ones that were cut and never
-  verified: a tree is scored afterwards against the tokens that were generated
-  ("shadow acceptance"), so the budget can come back up after it has gone to zero.
+  AMX in fp32, 2 tokens cost 2.2x one token; on a GPU, about 1x).
+- `Calibration`: how often a node is accepted when its parent is, by the drafter's
+  edge probability and the node's depth, learned from every proposed tree, including
+  the ones that were cut and never verified: a tree is scored afterwards against the
+  tokens that were generated ("shadow acceptance"), so the budget can come back up
+  after it has gone to zero. A scale (accepted over expected tokens of trees as cut)
+  corrects what per-edge rates miss.
+- `Gate`: whether running a draft model pays at all, its forwards included.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import heapq
 import time
 import weakref
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
 from .kv import keep_paths
-from .masks import Row, forward, pack
+from .masks import Row, forward, pack, with_cache
 from .tree import TokenTree
 
 
@@ -74,7 +79,7 @@ class CostModel:
         cache = DynamicCache()
         vocab = model.get_output_embeddings().weight.shape[0]
         ids = torch.arange(context, device=model.device)[None] % vocab
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **with_cache(model, cache))
         seconds = []
         for size in [sizes[0]] + sizes:  # the first run warms up
             best = float("inf")
@@ -127,6 +132,20 @@ class Calibration:
 
     def node_rate(self, tree: TokenTree, node: int) -> float:
         return self.rate(edge_score(tree, node), tree.depths[node])
+
+    def state(self) -> np.ndarray:
+        """Everything learned, flat (saved with the trie, so a restart keeps it)."""
+        return np.array([*self.drafted, *self.accepted, self.expected, self.realized], dtype=np.float64)
+
+    def restore(self, state: np.ndarray) -> None:
+        """Take back a `state()`; ValueError if it is not one of this calibration's shape."""
+        cells = len(self.drafted)
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (2 * cells + 2,) or not np.isfinite(state).all() or (state < 0).any() \
+                or (state[cells : 2 * cells] > state[:cells]).any():
+            raise ValueError(f"not a calibration of {cells} cells")
+        self.drafted, self.accepted = state[:cells].tolist(), state[cells : 2 * cells].tolist()
+        self.expected, self.realized = float(state[-2]), float(state[-1])
 
     @property
     def scale(self) -> float:
@@ -210,7 +229,7 @@ def _reach(tree: TokenTree, calibration: Calibration, scaled: bool = True) -> li
     for node, parent in enumerate(tree.parents):
         reach.append((reach[parent] if parent >= 0 else 1.0) * calibration.node_rate(tree, node))
     scale = calibration.scale if scaled else 1.0
-    return [r * scale for r in reach]
+    return [min(r * scale, 1.0) for r in reach]
 
 
 def label(tree: TokenTree, realized: list[int]) -> list[tuple[int, bool]]:
@@ -244,17 +263,16 @@ def edges(tree: TokenTree, realized: list[int]) -> list[tuple[int, bool]]:
 
 
 class Gate:
-    """Whether running the drafter pays at all, for drafters whose drafting costs real
-    time (a draft model: one forward per depth). The cut sees what a tree is worth, not
-    what it cost to draft; the gate compares drafted steps' time, drafting included,
-    with what plain decoding would have spent on the same tokens (the cost curve) and,
-    while drafting loses, skips it for 1, 2, 4, ... up to `longest` steps before trying
-    again. A drafter that takes under `cheap` of a one-token forward (the trie) is never
-    gated: the cut alone decides, and it keeps learning in the shadow."""
+    """Whether running the costly drafters (draft models: a forward per depth) pays at
+    all. The cut sees what a tree is worth, not what it cost to draft; the gate compares
+    drafted steps' time, drafting included, with what plain decoding would have spent
+    on the same tokens (the cost curve) and, while drafting loses, skips it for 1, 2, 4,
+    ... up to `longest` steps before trying again. The trie costs no forward and is
+    never gated: the cut alone decides, and it keeps learning in the shadow."""
 
-    def __init__(self, cost: CostModel, smoothing: float = 0.3, longest: int = 16, cheap: float = 0.1):
-        self.cost, self.smoothing, self.longest, self.cheap = cost, smoothing, longest, cheap
-        self.spent = self.plain = self.drafting = 0.0  # moving averages over drafted steps
+    def __init__(self, cost: CostModel, smoothing: float = 0.3, longest: int = 16):
+        self.cost, self.smoothing, self.longest = cost, smoothing, longest
+        self.spent = self.plain = 0.0  # moving averages over drafted steps
         self.seen = 0
         self.skip, self.backoff = 0, 1
 
@@ -272,8 +290,12 @@ class Gate:
         self.seen += 1
         self.plain += a * (plain - self.plain)
         self.spent += a * (draft_seconds + model_seconds - self.spent)
-        self.drafting += a * (draft_seconds - self.drafting)
-        if self.drafting < self.cheap * self.cost(1) or self.spent <= self.plain:
+        if self.spent <= self.plain:
             self.backoff = 1
         else:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, self.longest)
+
+
+def is_costly(drafter) -> bool:
+    """Whether a drafter (or one it merges) runs forwards of its own."""
+    return getattr(drafter, "costly", False) or any(is_costly(d) for d in getattr(drafter, "drafters", ()))

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Calibration, CostModel, Gate, best_sizes, expected_tokens
+from .budget import Calibration, CostModel, Gate, best_sizes, expected_tokens, is_costly
 from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
 from .masks import Row, attention_layout, forward, pack
@@ -94,11 +94,11 @@ class Engine:
             self.drafter.bind(model, tokenizer)
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
         self.cost = self.calibration = self.gate = None
-        if adaptive:
+        if adaptive and not isinstance(self.drafter, NoDraft):
             most = getattr(self.drafter, "decoding_length", 64) + 1
             self.cost = CostModel.of(model, self.config, most)
             self.calibration = Calibration()
-            self.gate = Gate(self.cost)
+            self.gate = Gate(self.cost) if is_costly(self.drafter) else None
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
@@ -257,15 +257,20 @@ class _Row:
         self.drafted, self.step_draft = False, 0.0  # this step: whether the drafter ran, and its time
         self.started = time.perf_counter()  # when the row joined its batch
 
-    def draft(self) -> None:
+    def draft(self, costly: bool = True) -> None:
+        """Propose this step's tree; costly=False (the gate says drafting does not pay)
+        leaves out drafters that cost forwards (draft models)."""
         t0 = time.perf_counter()
         engine = self.engine
         if self.session is None:
             self.session = begin_session(engine.drafter, self.ids, self.sampling)
         # every token past the limit would be thrown away
-        self.drafted = engine.gate is None or engine.gate.wanted()
-        if self.drafted:
-            self.tree = self.session.propose(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
+        budget = dict(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
+        self.drafted = costly
+        if costly:
+            self.tree = self.session.propose(**budget)
+        elif hasattr(self.session, "propose_cheap"):  # a hybrid: the trie still drafts
+            self.tree = self.session.propose_cheap(**budget)
         else:
             self.tree = TokenTree()
         if self.cuttable:
@@ -392,8 +397,9 @@ class _Batch:
         if not active:
             return []
         # 1. draft, per row
+        costly = engine.gate is None or engine.gate.wanted()  # one decision per step, for every row
         for row in active:
-            row.draft()
+            row.draft(costly)
         if engine.cost is not None:
             self._cut()
         # 2. forward every row's pending tokens and tree together

@@ -15,7 +15,9 @@ additive mask and explicit position ids, no patched modeling code.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -93,4 +95,24 @@ def pack(rows: list[Row], width: int, dtype: torch.dtype, layout, device=None) -
 def forward(model, packed: Packed, cache, **kwargs):
     """The model's ordinary forward over a packed batch, appending to `cache`."""
     return model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                 attention_mask=packed.attention_mask, past_key_values=cache, use_cache=True, **kwargs)
+                 attention_mask=packed.attention_mask, **with_cache(model, cache), **kwargs)
+
+
+def with_cache(model, cache) -> dict:
+    """Forward kwargs that hand `cache` to `model` and ask it to fill it.
+
+    transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns
+    and goes in 5.40); models written for older releases, remote code among them, only
+    know the old one.
+    """
+    return {_cache_name(type(model)): cache, "use_cache": True}
+
+
+@lru_cache(maxsize=None)
+def _cache_name(cls) -> str:
+    for klass in cls.__mro__:  # a wrapper's forward(*args, **kwargs) defers to its parent's
+        params = inspect.signature(klass.forward).parameters if "forward" in vars(klass) else {}
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+    return "past_key_values"

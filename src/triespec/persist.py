@@ -57,9 +57,12 @@ def save_trie(trie: Trie, path: str | os.PathLike, fingerprint: str) -> int:
     return write_arrays(flatten(trie), path, fingerprint)
 
 
-def write_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], path: str | os.PathLike, fingerprint: str) -> int:
+def write_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], path: str | os.PathLike, fingerprint: str,
+                 calibration: np.ndarray | None = None) -> int:
     """Write a flattened trie atomically (a server flattens between two steps, then
-    writes while it decodes); returns the file's size in bytes."""
+    writes while it decodes); returns the file's size in bytes. `calibration`: the
+    adaptive budget's learned acceptance rates (budget.Calibration.state), kept with the
+    trie whose drafts they rate."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     parent, token, count = arrays
@@ -67,7 +70,8 @@ def write_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], path: str | 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, header=np.array(header), parent=parent, token=token, count=count)
+            extra = {} if calibration is None else {"calibration": calibration}
+            np.savez_compressed(f, header=np.array(header), parent=parent, token=token, count=count, **extra)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,6 +104,16 @@ def load_trie(path: str | os.PathLike, fingerprint: str, max_nodes: int | None =
                          f"this model's is {fingerprint})")
     _check_arrays(path, parent, token, count)
     return _build(parent, token, count, max_nodes)
+
+
+def load_calibration(path: str | os.PathLike) -> np.ndarray | None:
+    """The calibration saved with a trie (see write_arrays), or None if it has none.
+    Read after load_trie has accepted the file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.array(data["calibration"]) if "calibration" in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
 
 
 def _check_arrays(path, parent: np.ndarray, token: np.ndarray, count: np.ndarray) -> None:

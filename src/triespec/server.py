@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .engine import Engine, _Row, _TextStream
-from .persist import fingerprint, flatten, load_trie, warm, write_arrays
+from .persist import fingerprint, flatten, load_calibration, load_trie, warm, write_arrays
 from .scheduler import QueueFull, Scheduler
 
 log = logging.getLogger("triespec.server")
@@ -165,7 +165,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             await asyncio.to_thread(scheduler.stop)
             if trie_path is not None:  # the scheduler thread is gone: nobody else touches the trie
                 try:
-                    await asyncio.to_thread(saver.write, 1 << 62, flatten(engine.drafter.memory))
+                    await asyncio.to_thread(saver.write, 1 << 62, saver.take())
                 except Exception:
                     log.exception("could not save the trie to %s at shutdown", trie_path)
 
@@ -376,6 +376,12 @@ def _load(engine: Engine, path: Path, fp: str) -> None:
     try:
         engine.drafter.memory = load_trie(path, fp, engine.drafter.memory.max_nodes)
         log.info("loaded the trie from %s: %d nodes", path, len(engine.drafter.memory))
+        state = load_calibration(path)
+        if state is not None and engine.calibration is not None:
+            try:
+                engine.calibration.restore(state)
+            except ValueError as e:
+                log.warning("%s: its budget calibration was not used (%s)", path, e)
     except ValueError as e:
         aside = path.with_name(path.name + ".rejected")
         os.replace(path, aside)
@@ -383,26 +389,31 @@ def _load(engine: Engine, path: Path, fp: str) -> None:
 
 
 class _Saver:
-    """Saves the trie: flattened on the scheduler thread between two steps (only it
-    touches the trie), written on another thread while decoding goes on. A write never
+    """Saves the trie and the budget's calibration: taken on the scheduler thread between
+    two steps (only it touches them), written on another thread while decoding goes on. A write never
     replaces a newer snapshot (the one at shutdown is the newest)."""
 
     def __init__(self, engine: Engine, path, fp: str, metrics: Metrics):
         self.engine, self.path, self.fp, self.metrics = engine, path, fp, metrics
         self.lock, self.written = threading.Lock(), -1
 
-    def write(self, snapshot: int, arrays) -> None:
+    def take(self):
+        """The trie's arrays and the budget's calibration, as they are now (scheduler thread only)."""
+        calibration = self.engine.calibration
+        return flatten(self.engine.drafter.memory), None if calibration is None else calibration.state()
+
+    def write(self, snapshot: int, taken) -> None:
         with self.lock:
             if snapshot > self.written:
-                self.metrics.trie_bytes.set(write_arrays(arrays, self.path, self.fp))
+                self.metrics.trie_bytes.set(write_arrays(taken[0], self.path, self.fp, calibration=taken[1]))
                 self.written = snapshot
 
     async def every(self, seconds: float, scheduler: Scheduler) -> None:
         for snapshot in itertools.count():
             await asyncio.sleep(seconds)
             try:
-                arrays = await asyncio.wrap_future(scheduler.call(lambda: flatten(self.engine.drafter.memory)))
-                await asyncio.to_thread(self.write, snapshot, arrays)
+                taken = await asyncio.wrap_future(scheduler.call(self.take))
+                await asyncio.to_thread(self.write, snapshot, taken)
             except Exception:
                 log.exception("saving the trie failed; the server goes on")
 

@@ -108,7 +108,7 @@ class Generate:
         cached: list[int] = []  # cache length at each target forward
 
         def record(module, args, kwargs):
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
             cached.append(cache.get_seq_length() if cache is not None else 0)
 
         hook = self.model.register_forward_pre_hook(record, with_kwargs=True)

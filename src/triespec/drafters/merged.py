@@ -65,6 +65,14 @@ class MergedSession:
             trees.append(TokenTree() if skip else session.propose(budget, max_depth))
         return merge(trees, budget, max_depth, self.d.confident)
 
+    def propose_cheap(self, max_nodes: int, max_depth: int) -> TokenTree:
+        """The tree of the drafters that cost no forward (the trie) alone: what the engine
+        asks for while running the costly ones (draft models) does not pay."""
+        budget = min(max_nodes, self.d.decoding_length)
+        trees = [TokenTree() if getattr(d, "costly", False) else session.propose(budget, max_depth)
+                 for d, session in zip(self.d.drafters, self.sessions)]
+        return merge(trees, budget, max_depth, self.d.confident)
+
     def learn(self, new_ids: Sequence[int]) -> None:
         for session in self.sessions:
             session.learn(new_ids)

@@ -52,6 +52,7 @@ class ModelDrafter:
     """
 
     accepts_sampling = True  # begin() takes the request's sampling settings
+    costly = True  # a forward per depth: the engine's gate may skip it while it does not pay
 
     def __init__(self, draft_model, widths: Sequence[int] = (1, 1, 3, 1, 1, 1, 1, 1), tokenizer=None,
                  max_nodes: int | None = None, sample: bool = False, min_score: float = 0.1):
