@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 from triespec.bench import models
 from triespec.bench import workloads as W
 from triespec.bench.harness import _chat_ids, _decode
-from triespec.budget import Calibration, CostModel, best_size, expected_tokens
+from triespec.budget import Calibration, CostModel, Watched, best_size, expected_tokens
 from triespec.drafters import TrieDrafter
 from triespec.loading import default_model_path
 
@@ -72,20 +72,14 @@ def replay(generations, cost: CostModel, decoding_length: int, adaptive: bool) -
             tree = session.propose(max_nodes=10**6, max_depth=len(output) - done - 1)
             if calibration is not None and len(tree):
                 size = best_size(tree, pending, cost, calibration)
-                watch.append((len(seq), tree, size, expected_tokens(tree, size, calibration)))
+                watch.append(Watched(len(seq), tree, size, expected_tokens(tree, size, calibration)))
                 tree = tree.prefix(max_nodes=size)
             new = output[done : done + accepted(tree, output[done:]) + 1]
             spent += cost(pending + len(tree))
             done, pending = done + len(new), 1
             seq += new
             if calibration is not None:
-                waiting = []
-                for start, proposed, size, expected in watch:
-                    if len(seq) - start >= proposed.depth or done >= len(output):
-                        calibration.learn(proposed, seq[start:], size, expected)
-                    else:
-                        waiting.append((start, proposed, size, expected))
-                watch = waiting
+                watch = [w for w in watch if not w.update(calibration, seq, done >= len(output))]
             session.learn(new)
         session.end()
     return spent, plain

@@ -5,7 +5,7 @@ import pytest
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
 from triespec.drafters import MergedDrafter, ModelDrafter, TrieDrafter
-from triespec.budget import Calibration, CostModel, Gate, best_size, best_sizes, edges, label
+from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -83,7 +83,7 @@ def test_edges_count_a_node_only_where_its_parent_was_accepted():
 
 
 def test_calibration_learns_the_observed_rate():
-    cal = Calibration()
+    cal = Calibration(prior=4.0)
     assert cal.rate(0.55) == 0.0  # pessimistic: nothing is worth verifying before evidence
     for _ in range(400):
         cal.observe(0.55, False)
@@ -94,6 +94,21 @@ def test_calibration_learns_the_observed_rate():
     for _ in range(10):
         cal.observe(0.55, True, depth=7)
     assert cal.rate(0.55, depth=5) == pytest.approx(10 / 14)  # depths 5 and deeper share a cell
+
+
+def test_a_watched_tree_teaches_each_edge_as_soon_as_a_token_decides_it():
+    cal = Calibration(prior=4.0)
+    chain = scored_chain([1.0, 1.0, 1.0])  # tokens 1, 2, 3 at depths 1, 2, 3
+    watched = Watched(start=5, tree=chain, size=3, expected=2.0)
+    seq = [0] * 5
+    assert not watched.update(cal, seq + [1])  # depth 1 decided (right), the rest not yet
+    assert cal.rate(1.0, 1) == pytest.approx(1 / 5) and cal.rate(1.0, 2) == 0.0
+    assert not watched.update(cal, seq + [1])  # nothing new: nothing learned twice
+    assert cal.rate(1.0, 1) == pytest.approx(1 / 5)
+    assert watched.update(cal, seq + [1, 2, 7])  # depth 2 right, depth 3 wrong: decided
+    assert cal.rate(1.0, 2) == pytest.approx(1 / 5) and cal.rate(1.0, 3) == 0.0
+    assert cal.drafted[cal._cell(1.0, 3)] == 5  # the rejection was counted
+    assert (cal.expected, cal.realized) == (2.0, 2)  # the scale learns whole trees, once decided
 
 
 def test_the_scale_corrects_rates_that_overrate_whole_trees():

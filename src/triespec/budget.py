@@ -107,11 +107,14 @@ class Calibration:
     a node is worth nothing until trees scored in the shadow (which costs no forward)
     have shown that nodes like it are accepted. Where a draft token costs more than a
     token (fp32 on a CPU without AMX) a trusting prior lost 10-15% on workloads with
-    nothing to copy; where there is, the evidence comes within a few steps."""
+    nothing to copy; where there is, the evidence comes within a few steps (edges are
+    learned as soon as a token decides them, `Watched`). Two pseudo-rejections were the
+    best of 1, 2 and 4 in replays of the benchmark's outputs (scripts/replay_budget.py)
+    under three cost curves."""
 
     depths = (1, 2, 3, 5)  # a cell per depth class: 1, 2, 3-4, 5 and deeper
 
-    def __init__(self, bins: int = 10, prior: float = 4.0):
+    def __init__(self, bins: int = 10, prior: float = 2.0):
         self.bins = bins
         cells = bins * len(self.depths)
         self.drafted = [prior] * cells
@@ -157,12 +160,35 @@ class Calibration:
     def learn(self, tree: TokenTree, realized: list[int], size: int = 0, expected: float = 0.0) -> None:
         """Score a proposed tree (verified or not) against the tokens generated after it;
         `size` nodes of it were to be verified, worth `expected` tokens by the rates."""
-        decided = edges(tree, realized)
-        for node, accepted in decided:
-            self.observe(edge_score(tree, node), accepted, tree.depths[node])
-        if size:
-            self.expected += expected
-            self.realized += sum(accepted for node, accepted in decided if node < size)
+        Watched(0, tree, size, expected).update(self, realized, finished=True)
+
+
+class Watched:
+    """A proposed tree (verified or cut) that the calibration learns from edge by edge,
+    as the generated tokens decide them. A depth-1 edge is decided by the next token, so
+    the evidence of a cold start comes within a step, not once the tree's whole depth has
+    been generated (12 steps for a 12-deep branch that was cut to nothing: on code, a
+    third of a 96-token answer went by undrafted)."""
+
+    def __init__(self, start: int, tree: TokenTree, size: int = 0, expected: float = 0.0):
+        self.start, self.tree = start, tree  # start: where the tree's root token sits in the sequence
+        self.size, self.expected = size, expected  # nodes verified, and the tokens they were worth
+        self.learned: set[int] = set()
+
+    def update(self, calibration: Calibration, seq: list[int], finished: bool = False) -> bool:
+        """Teach `calibration` the edges that `seq` newly decides; True once the tree is
+        decided (or the generation `finished`) and it can be dropped."""
+        realized = seq[self.start :]
+        tree = self.tree
+        for node, accepted in edges(tree, realized):
+            if node not in self.learned:
+                self.learned.add(node)
+                calibration.observe(edge_score(tree, node), accepted, tree.depths[node])
+        done = finished or len(realized) >= tree.depth
+        if done and self.size:
+            calibration.expected += self.expected
+            calibration.realized += sum(ok for node, ok in label(tree, realized) if node < self.size)
+        return done
 
 
 def edge_score(tree: TokenTree, node: int) -> float:

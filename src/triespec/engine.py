@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Calibration, CostModel, Gate, best_sizes, expected_tokens, is_costly
+from .budget import Calibration, CostModel, Gate, Watched, best_sizes, expected_tokens, is_costly
 from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
 from .masks import Row, attention_layout, forward, pack
@@ -252,7 +252,7 @@ class _Row:
         self.stats = Stats(prompt_tokens=len(ids))
         self.session = None
         self.tree = TokenTree()
-        self.watch: list[tuple[int, TokenTree, int, float]] = []  # proposed trees waiting to be scored
+        self.watch: list[Watched] = []  # proposed trees the calibration still learns from
         self.cancelled = False  # set by _Batch.cancel: leave at the next step
         self.drafted, self.step_draft = False, 0.0  # this step: whether the drafter ran, and its time
         self.started = time.perf_counter()  # when the row joined its batch
@@ -274,7 +274,7 @@ class _Row:
         else:
             self.tree = TokenTree()
         if self.cuttable:
-            self.watch.append((len(self.seq), self.tree, 0, 0.0))  # the cut fills in size and expected tokens
+            self.watch.append(Watched(len(self.seq), self.tree))  # the cut fills in size and expected tokens
         self.step_draft = time.perf_counter() - t0
         self.stats.draft_time += self.step_draft
 
@@ -284,8 +284,8 @@ class _Row:
         return self.engine.cost is not None and self.tree.scores is not None and len(self.tree) > 0
 
     def cut(self, size: int) -> None:
-        start, tree, _, _ = self.watch[-1]
-        self.watch[-1] = (start, tree, size, expected_tokens(tree, size, self.engine.calibration))
+        watched = self.watch[-1]
+        watched.size, watched.expected = size, expected_tokens(self.tree, size, self.engine.calibration)
         cut = self.tree.prefix(max_nodes=size)
         if cut is not self.tree and cut.draft_probs is not None:
             # the cut depends on the drafted tokens' scores, so the kept nodes are no longer
@@ -295,14 +295,8 @@ class _Row:
 
     def _score_watched(self) -> None:
         """Teach the calibration what became of every proposed tree, verified or cut."""
-        waiting = []
-        for start, tree, size, expected in self.watch:
-            realized = self.seq[start:]
-            if len(realized) >= tree.depth or self.finish is not None:
-                self.engine.calibration.learn(tree, realized, size, expected)
-            else:
-                waiting.append((start, tree, size, expected))
-        self.watch = waiting
+        finished = self.finish is not None
+        self.watch = [w for w in self.watch if not w.update(self.engine.calibration, self.seq, finished)]
 
     def verify(self, logits: torch.Tensor) -> Verdict:
         """logits: [1 + n, V] for the root and the tree's nodes."""
