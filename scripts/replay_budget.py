@@ -21,12 +21,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from triespec.bench import models
 from triespec.bench import workloads as W
-from triespec.bench.harness import _chat_ids, _decode
+from triespec.bench.harness import _chat_ids, _decode, model_path
 from triespec.budget import Calibration, CostModel, Watched, best_size, expected_tokens
 from triespec.drafters import TrieDrafter
-from triespec.loading import default_model_path
 
 FP32_CURVE = "1:0.519,2:1.135,4:1.525,8:1.601,16:2.117,32:2.814"
 
@@ -92,9 +90,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="4,8,16,32", help="fixed decoding lengths to compare")
     args = parser.parse_args()
     results = json.load(open(args.results))
-    name = results["config"]["model"]
-    path = default_model_path() if name is None else models.dense(name) if name in models.MODELS else name
-    path = Path(path)
+    path = Path(model_path(results["config"]["model"]))
     tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
                  else AutoTokenizer.from_pretrained(path))
     points = [p.split(":") for p in args.curve.split(",")]

@@ -231,7 +231,7 @@ def _warm(args) -> int:
 
     from .engine import Engine
     from .loading import default_model_path, load
-    from .persist import fingerprint, flatten, load_calibration, load_trie, warm, write_arrays
+    from .persist import fingerprint, load_calibration, load_trie, save_trie, warm
 
     if not Path(args.corpus).is_file():
         raise ValueError(f"{args.corpus}: no such file")
@@ -244,7 +244,7 @@ def _warm(args) -> int:
         engine.drafter.memory = load_trie(args.trie, fp, engine.drafter.memory.max_nodes)
         calibration = load_calibration(args.trie)  # a server's learned budget: kept as it was
     count = warm(engine, args.corpus)
-    size = write_arrays(flatten(engine.drafter.memory), args.trie, fp, calibration=calibration)
+    size = save_trie(engine.drafter.memory, args.trie, fp, calibration)
     print(f"learned {count} answers; {args.trie}: {len(engine.drafter.memory)} nodes, {size} bytes", file=sys.stderr)
     return 0
 

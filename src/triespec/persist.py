@@ -52,9 +52,9 @@ def flatten(trie: Trie) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (np.array(parents, dtype=np.int64), np.array(tokens, dtype=np.int64), np.array(counts, dtype=np.int64))
 
 
-def save_trie(trie: Trie, path: str | os.PathLike, fingerprint: str) -> int:
-    """Write the trie atomically; returns the file's size in bytes."""
-    return write_arrays(flatten(trie), path, fingerprint)
+def save_trie(trie: Trie, path: str | os.PathLike, fingerprint: str, calibration: np.ndarray | None = None) -> int:
+    """Write the trie (and a budget calibration, see write_arrays) atomically; returns the file's size in bytes."""
+    return write_arrays(flatten(trie), path, fingerprint, calibration)
 
 
 def write_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], path: str | os.PathLike, fingerprint: str,

@@ -233,17 +233,24 @@ def _tps(record: dict) -> float:
 
 
 def _load(name: str | None, dtype: str, log):
-    from ..loading import default_model_path, load
+    from ..loading import load
+
+    path = model_path(name, log)
+    log(f"loading {name or 'SmolLM2-135M-Instruct (default)'} in {dtype}")
+    return load(path, dtype=dtype)
+
+
+def model_path(name: str | None, log=print) -> str:
+    """What a benchmark's model name loads from: the default model's file, a benchmark
+    model's dense copy (fetched on first use), or the hub id or path as given."""
+    from ..loading import default_model_path
     from . import models
 
     if name is None:
-        path = default_model_path()
-    elif name in models.MODELS:
-        path = models.dense(name, log=log)
-    else:
-        path = name
-    log(f"loading {name or 'SmolLM2-135M-Instruct (default)'} in {dtype}")
-    return load(path, dtype=dtype)
+        return default_model_path()
+    if name in models.MODELS:
+        return str(models.dense(name, log=log))
+    return name
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
