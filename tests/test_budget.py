@@ -4,6 +4,7 @@ import pytest
 
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
+from triespec.tree import COPYING, MODEL, TRIE
 from triespec.drafters import MergedDrafter, ModelDrafter, TrieDrafter
 from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label
 
@@ -34,7 +35,7 @@ def scored_chain(scores):
 class Exact(Calibration):
     """A calibration that believes the drafter."""
 
-    def rate(self, p, depth=1):
+    def rate(self, p, depth=1, kind=TRIE):
         return p
 
 
@@ -94,6 +95,33 @@ def test_calibration_learns_the_observed_rate():
     for _ in range(10):
         cal.observe(0.55, True, depth=7)
     assert cal.rate(0.55, depth=5) == pytest.approx(10 / 14)  # depths 5 and deeper share a cell
+
+
+def test_a_draft_models_nodes_start_at_their_q_and_the_tries_at_nothing():
+    """A small model's q is an estimate of acceptance from the first step, and its
+    forwards are spent before the cut; a trie's 1.0 (a path seen once) is not."""
+    cal = Calibration()
+    assert cal.rate(0.85, 1, kind=MODEL) == pytest.approx(0.85) and cal.rate(0.85, 1) == 0.0
+    bf16 = CostModel([1, 2, 4, 8, 16], [0.19, 0.20, 0.21, 0.23, 0.29])  # about Qwen 1.5B bf16, AVX512_BF16
+    scores = [0.9 ** d for d in range(1, 9)]  # a chain, q = 0.9 at every edge
+    model_chain = TokenTree(tuple(range(1, 9)), tuple(range(-1, 7)), tuple(scores), kinds=(MODEL,) * 8)
+    assert best_size(model_chain, 1, bf16, cal) == 8
+    assert best_size(scored_chain(scores), 1, bf16, cal) == 0  # the same chain from the trie
+    for _ in range(200):  # evidence overrides the prior: this model's 0.9 is right half the time
+        cal.observe(0.9, False, 1, kind=MODEL)
+        cal.observe(0.9, True, 1, kind=MODEL)
+    assert cal.rate(0.9, 1, kind=MODEL) == pytest.approx(0.5, abs=0.01)
+    assert cal.rate(0.9, 2, kind=MODEL) == pytest.approx(0.95)  # another depth class: still the prior
+
+
+def test_a_merged_node_is_of_the_model_kind_when_a_model_proposed_it():
+    from triespec.drafters.merged import merge
+
+    trie = TokenTree((5, 6), (-1, 0), (1.0, 1.0))
+    model = TokenTree((5, 7, 8), (-1, 0, 0), (0.9, 0.5, 0.3), kinds=(MODEL,) * 3)
+    merged = merge([trie, model], max_nodes=8, max_depth=8)
+    assert dict(zip(merged.tokens, merged.kinds)) == {5: MODEL, 6: TRIE, 7: MODEL, 8: MODEL}
+    assert merged.prefix(max_nodes=2).kinds == merged.kinds[:2]
 
 
 def test_a_watched_tree_teaches_each_edge_as_soon_as_a_token_decides_it():
@@ -250,6 +278,47 @@ def test_a_gated_hybrid_still_drafts_from_the_trie():
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == expected and slow.calls == 0
     assert max(result.stats.draft_sizes) > 0
+
+
+def test_the_gate_leaves_the_draft_model_out_where_the_trie_is_worth_as_much():
+    gate = Gate(CostModel([1, 64], [0.2, 0.3]))
+    assert not gate.enough(20.0)  # nothing seen yet: run the draft models to find out
+    gate.observe(tokens=7, fed=1, draft_seconds=0.6, model_seconds=0.3)  # 7 tokens, 3 tokens' worth of drafting
+    # 7 tokens in 0.2 + 0.6 s beat the trie's 1.74 in 0.2 s, not its 1.76
+    assert gate.enough(1.76) and not gate.enough(1.74)
+    for _ in range(gate.longest):  # steps without the draft models: their averages go stale
+        assert gate.wanted()
+    assert not gate.enough(20.0)  # so they run again, whatever the trie offers
+    gate.observe(tokens=7, fed=1, draft_seconds=0.6, model_seconds=0.3)
+    assert gate.enough(1.76)
+
+
+def test_an_adaptive_engine_prices_the_draft_models_expansion():
+    model = tiny_model("llama")
+    auto, given = ModelDrafter(model), ModelDrafter(model, min_score=0.05)
+    Engine(model, drafter=MergedDrafter([TrieDrafter(), auto]))
+    Engine(model, drafter=given)
+    draft_cost, target_cost = CostModel.of(model, model.config, 3), CostModel.of(model, model.config, 33)
+    assert auto.min_score == pytest.approx(min(max(draft_cost(1) / target_cost(1), 0.1), 0.9))
+    assert given.min_score == 0.05  # what the user set is kept
+    fixed = ModelDrafter(model)
+    Engine(model, drafter=fixed, adaptive=False)
+    assert fixed.min_score == 0.1
+
+
+def test_a_hybrid_skips_its_draft_model_while_the_trie_copies():
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(1)
+    expected = plain_greedy(model, prompt, 40)
+    slow = SlowWrongDrafter()
+    engine = Engine(model, drafter=MergedDrafter([TrieDrafter(decoding_length=16), slow]))
+    engine.drafter.learn_text(expected)  # the trie knows the answer
+    engine.calibration = Exact()  # and is trusted
+    engine.gate.observe(tokens=3, fed=1, draft_seconds=0.0, model_seconds=0.1)  # the model's steps gave 3
+    engine.gate.wanted = lambda: True  # (the gate's back-off alone would also skip this wrong drafter)
+    result = engine.generate(prompt, max_new_tokens=40)
+    assert result.token_ids == expected
+    assert slow.calls < result.stats.steps / 2  # run only where the trie had less than 3 tokens to offer
 
 
 def test_an_adaptive_batch_stays_exact():

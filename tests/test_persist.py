@@ -149,6 +149,7 @@ def test_warm_from_jsonl_drafts_the_answers(tmp_path):
 
 def test_the_budget_calibration_is_saved_with_the_trie(tmp_path):
     from triespec.budget import Calibration
+    from triespec.tree import MODEL
     from triespec.persist import load_calibration, write_arrays
 
     learned = Calibration()
@@ -164,6 +165,12 @@ def test_the_budget_calibration_is_saved_with_the_trie(tmp_path):
 
     save_trie(filled_trie(), tmp_path / "bare.npz", FP)  # saved without one
     assert load_calibration(tmp_path / "bare.npz") is None
+    cells = len(learned.drafted)  # 40 per kind
+    older = np.concatenate([learned.state()[:40], learned.state()[cells : cells + 40], learned.state()[-2:]])
+    restored = Calibration()  # saved before model-scored cells existed: the trie's cells come back
+    restored.restore(older)
+    assert restored.rate(0.9, 1) == learned.rate(0.9, 1) and restored.scale == learned.scale
+    assert restored.rate(0.9, 1, kind=MODEL) == Calibration().rate(0.9, 1, kind=MODEL)
     for bad in (learned.state()[:-1], -learned.state(), np.full_like(learned.state(), np.nan)):
         with pytest.raises(ValueError, match="calibration"):
             Calibration().restore(bad)

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from .kv import keep_paths
 from .masks import Row, forward, pack, with_cache
-from .tree import TokenTree
+from .tree import KINDS, MODEL, TRIE, TokenTree
 
 
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {max_tokens: CostModel}
@@ -96,54 +96,70 @@ class CostModel:
 
 class Calibration:
     """Observed acceptance rate of draft nodes given their parent's, by the probability
-    the drafter gave the edge and by the node's depth.
+    the drafter gave the edge, by the node's depth and by the kind of score.
 
     Depth matters as much as the score: a trie edge out of the root continues a match of
     a token or two and is often wrong, while one deep in an accepted path continues a
     long copied span (on summaries, 1.0-scored edges were right 87% of the time overall
     but far less at depth 1, and one rate for both tripled the expected tokens).
 
-    The prior is pessimistic: `prior` pseudo-observations of rejection in every cell, so
-    a node is worth nothing until trees scored in the shadow (which costs no forward)
-    have shown that nodes like it are accepted. Where a draft token costs more than a
-    token (fp32 on a CPU without AMX) a trusting prior lost 10-15% on workloads with
-    nothing to copy; where there is, the evidence comes within a few steps (edges are
-    learned as soon as a token decides them, `Watched`). Two pseudo-rejections were the
-    best of 1, 2 and 4 in replays of the benchmark's outputs (scripts/replay_budget.py)
-    under three cost curves."""
+    The kind matters because the scores mean different things (tree.KINDS). A trie's
+    score is a count ratio (a path seen once scores 1.0), so its cells start
+    pessimistic: `prior` pseudo-observations of rejection, and a trie node is worth
+    nothing until trees scored in the shadow (which costs no forward) have shown that
+    nodes like it are accepted. Where a draft token costs more than a token (fp32 on a
+    CPU without AMX) a trusting prior lost 10-15% on workloads with nothing to copy;
+    where there is, the evidence comes within a few steps (edges are learned as soon as
+    a token decides them, `Watched`). Two pseudo-rejections were the best of 1, 2 and 4
+    in replays of the benchmark's outputs (scripts/replay_budget.py) under three cost
+    curves. Trie nodes drafted while a copy is going on (COPYING) have cells of their
+    own: out of a fresh match, many wrong siblings keep a depth-1 edge's rate low, which
+    then also cut the continuation of a copy that had just given 12 tokens.
+    A draft model's score is its probability q of the edge, already an estimate of
+    acceptance, and its forwards are spent before the cut: a pessimistic start threw its
+    trees away (the first ~10 steps of every MT-Bench answer verified nothing, while
+    transformers' assistant got 7.8 tokens per step from the same model). Its cells
+    start at q itself, `prior` pseudo-observations at the bin's middle."""
 
     depths = (1, 2, 3, 5)  # a cell per depth class: 1, 2, 3-4, 5 and deeper
 
     def __init__(self, bins: int = 10, prior: float = 2.0):
         self.bins = bins
-        cells = bins * len(self.depths)
-        self.drafted = [prior] * cells
-        self.accepted = [0.0] * cells
+        per_kind = bins * len(self.depths)
+        self.drafted = [prior] * (len(KINDS) * per_kind)
+        self.accepted = [prior * (c % bins + 0.5) / bins if c // per_kind == MODEL else 0.0
+                         for c in range(len(self.drafted))]
         self.expected = self.realized = 0.0  # tokens of the trees as cut, expected and accepted
 
-    def _cell(self, p: float, depth: int) -> int:
-        return (bisect.bisect_right(self.depths, depth) - 1) * self.bins + min(int(p * self.bins), self.bins - 1)
+    def _cell(self, p: float, depth: int, kind: int = TRIE) -> int:
+        depth_class = bisect.bisect_right(self.depths, max(depth, 1)) - 1
+        return (kind * len(self.depths) + depth_class) * self.bins + min(int(max(p, 0.0) * self.bins), self.bins - 1)
 
-    def rate(self, p: float, depth: int = 1) -> float:
-        c = self._cell(p, max(depth, 1))
+    def rate(self, p: float, depth: int = 1, kind: int = TRIE) -> float:
+        c = self._cell(p, depth, kind)
         return self.accepted[c] / self.drafted[c]
 
-    def observe(self, p: float, accepted: bool, depth: int = 1) -> None:
-        c = self._cell(p, max(depth, 1))
+    def observe(self, p: float, accepted: bool, depth: int = 1, kind: int = TRIE) -> None:
+        c = self._cell(p, depth, kind)
         self.drafted[c] += 1
         self.accepted[c] += accepted
 
     def node_rate(self, tree: TokenTree, node: int) -> float:
-        return self.rate(edge_score(tree, node), tree.depths[node])
+        return self.rate(edge_score(tree, node), tree.depths[node], _kind(tree, node))
 
     def state(self) -> np.ndarray:
         """Everything learned, flat (saved with the trie, so a restart keeps it)."""
         return np.array([*self.drafted, *self.accepted, self.expected, self.realized], dtype=np.float64)
 
     def restore(self, state: np.ndarray) -> None:
-        """Take back a `state()`; ValueError if it is not one of this calibration's shape."""
+        """Take back a `state()`; ValueError if it is not one of this calibration's shape.
+        A state saved before the kinds other than TRIE existed restores the TRIE cells."""
         cells = len(self.drafted)
         state = np.asarray(state, dtype=np.float64)
+        trie = cells // len(KINDS)
+        if state.shape == (2 * trie + 2,):
+            state = np.concatenate([state[:trie], self.drafted[trie:], state[trie : 2 * trie],
+                                    self.accepted[trie:], state[-2:]])
         if state.shape != (2 * cells + 2,) or not np.isfinite(state).all() or (state < 0).any() \
                 or (state[cells : 2 * cells] > state[:cells]).any():
             raise ValueError(f"not a calibration of {cells} cells")
@@ -183,7 +199,7 @@ class Watched:
         for node, accepted in edges(tree, realized):
             if node not in self.learned:
                 self.learned.add(node)
-                calibration.observe(edge_score(tree, node), accepted, tree.depths[node])
+                calibration.observe(edge_score(tree, node), accepted, tree.depths[node], _kind(tree, node))
         done = finished or len(realized) >= tree.depth
         if done and self.size:
             calibration.expected += self.expected
@@ -197,6 +213,10 @@ def edge_score(tree: TokenTree, node: int) -> float:
     parent = tree.parents[node]
     above = tree.scores[parent] if parent >= 0 else 1.0
     return min(tree.scores[node] / above, 1.0) if above > 0 else 0.0
+
+
+def _kind(tree: TokenTree, node: int) -> int:
+    return TRIE if tree.kinds is None else tree.kinds[node]
 
 
 def best_size(tree: TokenTree, pending: int, cost: CostModel, calibration: Calibration) -> int:
@@ -299,11 +319,14 @@ class Gate:
     def __init__(self, cost: CostModel, smoothing: float = 0.3, longest: int = 16):
         self.cost, self.smoothing, self.longest = cost, smoothing, longest
         self.spent = self.plain = 0.0  # moving averages over drafted steps
+        self.tokens = self.drafting = 0.0  # and of their tokens and drafting seconds
         self.seen = 0
         self.skip, self.backoff = 0, 1
+        self.since = 0  # steps since the draft models last ran
 
     def wanted(self) -> bool:
         """Whether this step should draft (counts a skipped step)."""
+        self.since += 1
         if self.skip > 0:
             self.skip -= 1
             return False
@@ -314,12 +337,35 @@ class Gate:
         plain = self.cost(fed) + (tokens - 1) * self.cost(1)  # plain decoding, the same tokens
         a = 1.0 if self.seen == 0 else self.smoothing
         self.seen += 1
+        self.since = 0
         self.plain += a * (plain - self.plain)
         self.spent += a * (draft_seconds + model_seconds - self.spent)
+        self.tokens += a * (tokens - self.tokens)
+        self.drafting += a * (draft_seconds - self.drafting)
         if self.spent <= self.plain:
             self.backoff = 1
         else:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, self.longest)
+
+
+    def enough(self, cheap_tokens: float) -> bool:
+        """Whether a step whose cheap drafters (the trie) alone are worth `cheap_tokens`
+        (bonus included) should leave the draft models out. With them, a step yielded
+        `tokens` on average and took `drafting` seconds more; without, it takes about a
+        token's forward t. They pay when tokens / (t + drafting) > cheap_tokens / t, so
+        they are left out unless tokens > cheap_tokens * (1 + drafting / t): a trie that
+        already offers 4 tokens leaves little for a draft model's 8 forwards to add (on
+        MT-Bench's second turns, the hybrid ran at half the pure trie's pace). Never
+        before a drafted step, nor after `longest` steps without one: the averages come
+        only from steps that ran them, and a bad start must not keep them out for good."""
+        if self.seen == 0 or self.since >= self.longest:
+            return False
+        return self.tokens <= cheap_tokens * (1 + self.drafting / self.cost(1))
+
+
+def worth(tree: TokenTree, calibration: Calibration) -> float:
+    """Expected accepted tokens of the whole tree, by the calibrated (and scaled) rates."""
+    return sum(_reach(tree, calibration))
 
 
 def is_costly(drafter) -> bool:

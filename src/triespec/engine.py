@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Calibration, CostModel, Gate, Watched, best_sizes, expected_tokens, is_costly
+from .budget import Calibration, CostModel, Gate, Watched, best_sizes, expected_tokens, is_costly, worth
 from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
 from .masks import Row, attention_layout, forward, pack
@@ -99,6 +99,9 @@ class Engine:
             self.cost = CostModel.of(model, self.config, most)
             self.calibration = Calibration()
             self.gate = Gate(self.cost) if is_costly(self.drafter) else None
+            for d in [self.drafter, *getattr(self.drafter, "drafters", ())]:
+                if hasattr(d, "price"):  # a draft model: how deep its trees pay, on this machine
+                    d.price(self.cost)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
@@ -267,9 +270,15 @@ class _Row:
         # every token past the limit would be thrown away
         budget = dict(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
         self.drafted = costly
-        if costly:
+        hybrid = hasattr(self.session, "propose_cheap")  # a trie beside draft models
+        if costly and hybrid and engine.gate is not None:
+            # the draft models run only when the trie's tree is not already worth as much
+            gate, calibration = engine.gate, engine.calibration
+            self.tree = self.session.propose(**budget, enough=lambda tree: gate.enough(1 + worth(tree, calibration)))
+            self.drafted = self.session.ran_costly
+        elif costly:
             self.tree = self.session.propose(**budget)
-        elif hasattr(self.session, "propose_cheap"):  # a hybrid: the trie still drafts
+        elif hybrid:  # the gate says the draft models do not pay: the trie still drafts
             self.tree = self.session.propose_cheap(**budget)
         else:
             self.tree = TokenTree()
@@ -290,7 +299,7 @@ class _Row:
         if cut is not self.tree and cut.draft_probs is not None:
             # the cut depends on the drafted tokens' scores, so the kept nodes are no longer
             # plain draws from their q: verify them one-hot, which is exact for any tree
-            cut = TokenTree(cut.tokens, cut.parents, cut.scores)
+            cut = TokenTree(cut.tokens, cut.parents, cut.scores, kinds=cut.kinds)
         self.tree = cut
 
     def _score_watched(self) -> None:

@@ -15,6 +15,13 @@ from functools import cached_property
 import torch
 
 
+# Kinds of node scores. TRIE: a trie's count ratio out of a fresh match of a token or
+# two. COPYING: the same, while the trie's last drafts were right (a copy is going on).
+# MODEL: a draft model's probability of the node's path (the product of q along it).
+TRIE, COPYING, MODEL = 0, 1, 2
+KINDS = (TRIE, COPYING, MODEL)
+
+
 @dataclass(frozen=True)
 class TokenTree:
     tokens: tuple[int, ...] = ()
@@ -25,6 +32,11 @@ class TokenTree:
     # [n, V]: the distribution q each node's token was drawn from (a small model's draft);
     # None for drafters without probabilities (the trie), whose choices count as one-hot.
     draft_probs: torch.Tensor | None = field(default=None, compare=False)
+    # What each node's score is (TRIE, COPYING or MODEL; None: all TRIE). The adaptive
+    # budget calibrates each kind apart: a trie's count ratio and a draft model's q mean
+    # different things, and a trie continuation in the middle of a copy is far likelier
+    # than the same score out of a fresh two-token match.
+    kinds: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
@@ -40,6 +52,10 @@ class TokenTree:
             raise ValueError("TokenTree: scores must have one entry per node")
         if self.draft_probs is not None and (self.draft_probs.ndim != 2 or len(self.draft_probs) != len(self.tokens)):
             raise ValueError("TokenTree: draft_probs must be [nodes, vocab]")
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", tuple(int(k) for k in self.kinds))
+            if len(self.kinds) != len(self.tokens) or any(k not in KINDS for k in self.kinds):
+                raise ValueError(f"TokenTree: kinds must have one of {KINDS} per node")
 
     @classmethod
     def chain(cls, tokens) -> TokenTree:
@@ -110,4 +126,5 @@ class TokenTree:
             tuple(new_index[self.parents[i]] for i in keep),
             None if self.scores is None else tuple(self.scores[i] for i in keep),
             None if self.draft_probs is None else self.draft_probs[keep],
+            None if self.kinds is None else tuple(self.kinds[i] for i in keep),
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..tree import TokenTree
+from ..tree import TRIE, TokenTree
 from . import begin_session
 
 
@@ -55,23 +55,35 @@ class MergedDrafter:
 class MergedSession:
     def __init__(self, drafter: MergedDrafter, sessions: list):
         self.d, self.sessions = drafter, sessions
+        self.ran_costly = False  # whether the last proposal ran the drafters that cost forwards
 
-    def propose(self, max_nodes: int, max_depth: int) -> TokenTree:
+    def propose(self, max_nodes: int, max_depth: int, enough=None) -> TokenTree:
+        """The merged tree. The drafters that cost no forward (the trie) propose first;
+        `enough(tree)` (the engine's budget) may say their tree is worth as much as a
+        draft model could add, and the costly drafters are then not run. Without it,
+        they are skipped when the first drafter alone fills the budget with confident
+        nodes."""
         budget = min(max_nodes, self.d.decoding_length)
-        trees = [self.sessions[0].propose(budget, max_depth)]
-        first = trees[0].scores or (1.0,) * len(trees[0])
-        skip = sum(s >= self.d.confident for s in first) >= budget
-        for session in self.sessions[1:]:
-            trees.append(TokenTree() if skip else session.propose(budget, max_depth))
+        costly = [getattr(d, "costly", False) for d in self.d.drafters]
+        trees = [TokenTree() if c else session.propose(budget, max_depth)
+                 for c, session in zip(costly, self.sessions)]
+        cheap = merge(trees, budget, max_depth, self.d.confident)
+        if enough is None:
+            first = trees[0].scores or (1.0,) * len(trees[0])
+            skip = sum(s >= self.d.confident for s in first) >= budget
+        else:
+            skip = enough(cheap)
+        self.ran_costly = not skip and any(costly)
+        if not self.ran_costly:
+            return cheap
+        trees = [session.propose(budget, max_depth) if c else tree
+                 for c, session, tree in zip(costly, self.sessions, trees)]
         return merge(trees, budget, max_depth, self.d.confident)
 
     def propose_cheap(self, max_nodes: int, max_depth: int) -> TokenTree:
         """The tree of the drafters that cost no forward (the trie) alone: what the engine
         asks for while running the costly ones (draft models) does not pay."""
-        budget = min(max_nodes, self.d.decoding_length)
-        trees = [TokenTree() if getattr(d, "costly", False) else session.propose(budget, max_depth)
-                 for d, session in zip(self.d.drafters, self.sessions)]
-        return merge(trees, budget, max_depth, self.d.confident)
+        return self.propose(max_nodes, max_depth, enough=lambda tree: True)
 
     def learn(self, new_ids: Sequence[int]) -> None:
         for session in self.sessions:
@@ -85,7 +97,8 @@ class MergedSession:
 def merge(trees: Sequence[TokenTree], max_nodes: int, max_depth: int, confident: float = 0.5) -> TokenTree:
     """One tree from several, shared prefixes merged, cut to `max_nodes` and `max_depth`.
 
-    A merged node's score is the largest of its sources' (None scores count as 1). The
+    A merged node's score is the largest of its sources' (None scores count as 1), and its
+    kind the largest (MODEL when a draft model proposed it: the budget trusts its q). The
     first tree's nodes scoring at least `confident` are kept first, then the rest by
     score; scores never grow along a path, so the kept nodes form a tree.
 
@@ -110,9 +123,11 @@ def merge(trees: Sequence[TokenTree], max_nodes: int, max_depth: int, confident:
     depths: list[int] = []
     scores: list[float] = []
     first: list[bool] = []  # a confident node of the first tree
+    kinds: list[int] = []
     index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
     for k, tree in enumerate(trees):
         tree_scores = tree.scores or (1.0,) * len(tree)
+        tree_kinds = tree.kinds or (TRIE,) * len(tree)
         where: dict[int, int] = {}  # this tree's node -> merged node
         for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
             merged_parent = -1 if parent < 0 else where[parent]
@@ -124,9 +139,11 @@ def merge(trees: Sequence[TokenTree], max_nodes: int, max_depth: int, confident:
                 depths.append(1 if merged_parent < 0 else depths[merged_parent] + 1)
                 scores.append(tree_scores[i])
                 first.append(False)
+                kinds.append(TRIE)
             else:
                 scores[node] = max(scores[node], tree_scores[i])
             first[node] |= k == 0 and tree_scores[i] >= confident
+            kinds[node] = max(kinds[node], tree_kinds[i])
             where[i] = node
     chosen: set[int] = set()
     for i in sorted(range(len(tokens)), key=lambda i: (not first[i], -scores[i], i)):
@@ -137,4 +154,4 @@ def merge(trees: Sequence[TokenTree], max_nodes: int, max_depth: int, confident:
     keep = sorted(chosen)  # merged nodes are in topological order
     new = {-1: -1, **{old: i for i, old in enumerate(keep)}}
     return TokenTree(tuple(tokens[i] for i in keep), tuple(new[parents[i]] for i in keep),
-                     tuple(scores[i] for i in keep))
+                     tuple(scores[i] for i in keep), kinds=tuple(kinds[i] for i in keep))

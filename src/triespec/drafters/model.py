@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from ..kv import keep_path
 from ..masks import Packed, Row, attention_layout, forward, pack
-from ..tree import TokenTree
+from ..tree import MODEL, TokenTree
 
 
 class ModelDrafter:
@@ -49,20 +49,23 @@ class ModelDrafter:
         product of draft probabilities along it, also the node's `score`); the draft stops
         early when no node of a level is, so an unsure draft costs fewer forwards (as
         transformers' assisted generation stops at its assistant_confidence_threshold).
+        None (the default): 0.1, or under an adaptive engine what a draft forward costs in
+        target forwards (`price`): expanding a node costs a draft forward and is worth at
+        most its path's chance of a token that plain decoding pays a target forward for.
     """
 
     accepts_sampling = True  # begin() takes the request's sampling settings
     costly = True  # a forward per depth: the engine's gate may skip it while it does not pay
 
     def __init__(self, draft_model, widths: Sequence[int] = (1, 1, 3, 1, 1, 1, 1, 1), tokenizer=None,
-                 max_nodes: int | None = None, sample: bool = False, min_score: float = 0.1):
+                 max_nodes: int | None = None, sample: bool = False, min_score: float | None = None):
         widths = tuple(widths)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"widths must be a non-empty sequence of integers >= 1, got {widths!r}")
         if max_nodes is not None and (not isinstance(max_nodes, int) or max_nodes < 1):
             raise ValueError(f"max_nodes must be an integer >= 1 or None, got {max_nodes!r}")
-        if not 0 <= min_score <= 1:
-            raise ValueError(f"min_score must be in [0, 1], got {min_score}")
+        if min_score is not None and not 0 <= min_score <= 1:
+            raise ValueError(f"min_score must be in [0, 1] or None, got {min_score}")
         if not hasattr(draft_model, "get_output_embeddings") or draft_model.get_output_embeddings() is None:
             raise ValueError(f"draft model {type(draft_model).__name__} is not a causal LM with an output layer")
         from ..engine import check_tree_attention  # the engine imports the drafters
@@ -72,7 +75,8 @@ class ModelDrafter:
         self.tokenizer = tokenizer
         self.widths = widths
         self.sample = sample
-        self.min_score = min_score
+        self.priced = min_score is None  # set by price() under an adaptive engine
+        self.min_score = 0.1 if min_score is None else min_score
         self.config = draft_model.config.get_text_config()
         self.layout = attention_layout(self.config)
         self.vocab_size = draft_model.get_output_embeddings().weight.shape[0]
@@ -87,6 +91,18 @@ class ModelDrafter:
         """Check that this draft model speaks the target's vocabulary (the engine calls this)."""
         check_same_vocabulary(self.model, self.tokenizer, model, tokenizer)
         self.target_vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def price(self, target_cost) -> None:
+        """Under an adaptive engine (target_cost: its budget.CostModel), expand only nodes
+        whose path is likelier than a draft forward's cost in target forwards, unless
+        min_score was given. (On a 2-core CPU in bf16, Qwen2.5-Coder-0.5B's forward costs
+        0.35 of the 1.5B's: at 0.1, a draft unsure past its first token still ran all its
+        8 forwards.)"""
+        if self.priced:
+            from ..budget import CostModel
+
+            own = CostModel.of(self.model, self.config, max(self.widths))
+            self.min_score = min(max(own(1) / target_cost(1), 0.1), 0.9)
 
     def begin(self, prompt_ids: Sequence[int], sampling=None) -> ModelSession:
         return ModelSession(self, prompt_ids, sampling)
@@ -324,4 +340,4 @@ class ModelSession:
             q = torch.stack([filled[s][1] for s in keep])  # [n, V]
         # the fed entries were keyed by slot: re-key them by node
         self.slot = {index[s]: pos for s, pos in self.slot.items()}
-        return TokenTree(tokens, parents, scores, q)
+        return TokenTree(tokens, parents, scores, q, kinds=(MODEL,) * len(tokens))
