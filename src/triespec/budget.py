@@ -347,15 +347,15 @@ class Gate:
         else:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, self.longest)
 
-
     def enough(self, cheap_tokens: float) -> bool:
         """Whether a step whose cheap drafters (the trie) alone are worth `cheap_tokens`
         (bonus included) should leave the draft models out. With them, a step yielded
         `tokens` on average and took `drafting` seconds more; without, it takes about a
         token's forward t. They pay when tokens / (t + drafting) > cheap_tokens / t, so
         they are left out unless tokens > cheap_tokens * (1 + drafting / t): a trie that
-        already offers 4 tokens leaves little for a draft model's 8 forwards to add (on
-        MT-Bench's second turns, the hybrid ran at half the pure trie's pace). Never
+        already offers 4 tokens leaves little for a draft model's 8 forwards to add (on an
+        MT-Bench second turn that the trie copies, the hybrid ran the draft model at every
+        step and took 12.4 s against the pure trie's 8.6 s). Never
         before a drafted step, nor after `longest` steps without one: the averages come
         only from steps that ran them, and a bad start must not keep them out for good."""
         if self.seen == 0 or self.since >= self.longest:

@@ -270,9 +270,9 @@ class _Row:
         # every token past the limit would be thrown away
         budget = dict(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
         self.drafted = costly
-        hybrid = hasattr(self.session, "propose_cheap")  # a trie beside draft models
+        hybrid = hasattr(self.session, "propose_cheap")  # merged: the cheap drafters (a trie) go first
         if costly and hybrid and engine.gate is not None:
-            # the draft models run only when the trie's tree is not already worth as much
+            # the draft models run only when the cheap drafters' tree is not already worth as much
             gate, calibration = engine.gate, engine.calibration
             self.tree = self.session.propose(**budget, enough=lambda tree: gate.enough(1 + worth(tree, calibration)))
             self.drafted = self.session.ran_costly
