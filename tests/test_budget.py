@@ -4,7 +4,7 @@ import pytest
 
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
-from triespec.tree import COPYING, MODEL, TRIE
+from triespec.tree import MODEL, TRIE
 from triespec.drafters import MergedDrafter, ModelDrafter, TrieDrafter
 from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label
 

@@ -167,7 +167,7 @@ def test_the_budget_calibration_is_saved_with_the_trie(tmp_path):
     assert load_calibration(tmp_path / "bare.npz") is None
     cells = len(learned.drafted)  # 40 per kind
     older = np.concatenate([learned.state()[:40], learned.state()[cells : cells + 40], learned.state()[-2:]])
-    restored = Calibration()  # saved before model-scored cells existed: the trie's cells come back
+    restored = Calibration()  # saved before kinds existed: its trie cells come back
     restored.restore(older)
     assert restored.rate(0.9, 1) == learned.rate(0.9, 1) and restored.scale == learned.scale
     assert restored.rate(0.9, 1, kind=MODEL) == Calibration().rate(0.9, 1, kind=MODEL)
