@@ -267,14 +267,20 @@ def test_an_adaptive_engine_stops_running_a_drafter_that_does_not_pay():
     assert drafter.calls < result.stats.steps / 2
 
 
-def test_a_gated_hybrid_still_drafts_from_the_trie():
+def trusted_hybrid():
+    """A hybrid engine (a trie whose drafts are trusted, beside a slow wrong draft model),
+    the draft model, a prompt and its plain answer."""
     model = tiny_model("llama")
     prompt = repetitive_prompt(1)
-    expected = plain_greedy(model, prompt, 40)
     slow = SlowWrongDrafter()
     engine = Engine(model, drafter=MergedDrafter([TrieDrafter(decoding_length=16), slow]))
+    engine.calibration = Exact()
+    return engine, slow, prompt, plain_greedy(model, prompt, 40)
+
+
+def test_a_gated_hybrid_still_drafts_from_the_trie():
+    engine, slow, prompt, expected = trusted_hybrid()
     engine.gate.skip = 10**6  # the draft model never pays
-    engine.calibration = Exact()  # and the trie's drafts are trusted
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == expected and slow.calls == 0
     assert max(result.stats.draft_sizes) > 0
@@ -307,13 +313,8 @@ def test_an_adaptive_engine_prices_the_draft_models_expansion():
 
 
 def test_a_hybrid_skips_its_draft_model_while_the_trie_copies():
-    model = tiny_model("llama")
-    prompt = repetitive_prompt(1)
-    expected = plain_greedy(model, prompt, 40)
-    slow = SlowWrongDrafter()
-    engine = Engine(model, drafter=MergedDrafter([TrieDrafter(decoding_length=16), slow]))
+    engine, slow, prompt, expected = trusted_hybrid()
     engine.drafter.learn_text(expected)  # the trie knows the answer
-    engine.calibration = Exact()  # and is trusted
     engine.gate.observe(tokens=3, fed=1, draft_seconds=0.0, model_seconds=0.1)  # the model's steps gave 3
     engine.gate.wanted = lambda: True  # (the gate's back-off alone would also skip this wrong drafter)
     result = engine.generate(prompt, max_new_tokens=40)
