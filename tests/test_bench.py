@@ -46,10 +46,14 @@ def test_step_accounting_matches_output(name):
     assert out.token_ids == plain_greedy(model, prompt, 30)
     assert sum(out.tokens_per_step) == len(out.token_ids)
     assert all(s >= 1 for s in out.tokens_per_step)
+    assert len(out.fed) == len(out.tokens_per_step)  # one forward per step, the prefill first
+    assert out.fed[0] >= len(prompt)
     if name == "plain":
-        assert set(out.tokens_per_step) == {1}
+        assert set(out.tokens_per_step) == {1} and out.fed == [len(prompt)] + [1] * (len(out.fed) - 1)
     elif name == "trie:fixed":
         assert max(out.tokens_per_step) > 1  # the repetitive prompt is drafted from
+        # each forward feeds the last token and the tree: at least as many as it yields
+        assert all(f >= s for f, s in zip(out.fed[1:], out.tokens_per_step[1:])) and max(out.fed[1:]) > 1
 
 
 def test_assisted_steps_count_target_forwards_only():
@@ -58,6 +62,7 @@ def test_assisted_steps_count_target_forwards_only():
     out = methods.build(methods.parse("assisted"), model, None, draft).run(prompt, 24)
     assert out.token_ids == plain_greedy(model, prompt, 24)
     assert sum(out.tokens_per_step) == len(out.token_ids)
+    assert len(out.fed) == len(out.tokens_per_step)  # the draft model's forwards are not the target's
 
 
 @pytest.mark.parametrize("name", ["model", "hybrid", "hybrid:warm", "hybrid:fixed:warm"])
@@ -93,15 +98,17 @@ def test_copy_oracle():
 
 def _fake_results():
     records = []
-    for method, seconds, steps, ids in [("plain", 4.0, [1] * 8, [5] * 8), ("trie", 1.0, [4, 4], [5] * 8),
-                                        ("trie:warm", 2.0, [2] * 4, [5] * 7 + [6])]:
+    for method, seconds, steps, ids, fed in [("plain", 4.0, [1] * 8, [5] * 8, [10] + [1] * 7),
+                                             ("trie", 1.0, [4, 4], [5] * 8, [14, 5]),
+                                             ("trie:warm", 2.0, [2] * 4, [5] * 7 + [6], [11, 2, 2, 2])]:
         records.append(dict(workload="qa", task="qa/0", turn=0, method=method, prompt_tokens=10, new_tokens=8,
                             seconds=seconds, tokens_per_step=steps, draft_seconds=0.1 if method != "plain" else 0.0,
-                            peak_mb=1.0, token_ids=ids))
+                            peak_mb=1.0, token_ids=ids, fed=fed))
     results = {"config": {**harness.Config(n=1).__dict__, "methods": ["plain", "trie", "trie:warm"]},
                "machine": {"cpu": "test", "cores": 2, "cpu_capability": "x", "memory_gb": 1, "torch": "t",
                            "transformers": "t", "date": "now"},
                "oracle": {"qa": {"cold": {"tokens_per_step": 5.0}, "warm": {"tokens_per_step": 3.0}}},
+               "cost_curve": {"context": 10, "sizes": [1, 2, 4, 8], "seconds": [1.0, 1.0, 2.0, 4.0]},
                "records": records}
     results["summary"] = harness.summarise(results)
     return results
@@ -116,6 +123,20 @@ def test_summary_figures():
     assert s["trie"]["agreement"] == 1.0 and s["trie:warm"]["agreement"] == 0.0
     assert s["trie"]["step_histogram"] == {4: 2}
     assert s["trie"]["draft_share"] == 0.1
+    # modelled: the forwards after the prefill priced by the curve, drafting as measured
+    assert s["plain"]["speedup_modelled"] == 1.0  # 7 tokens in 7 forwards of 1 s
+    assert s["trie"]["speedup_modelled"] == round((4 / (2.5 + 0.1)) / (7 / 7), 3)  # 5 fed: 2.5 s
+    assert s["trie:warm"]["speedup_modelled"] == round((6 / (3 * 1.0 + 0.1)) / 1.0, 3)
+    assert (s["plain"]["fed_per_step"], s["trie"]["fed_per_step"], s["trie:warm"]["fed_per_step"]) == (1, 5, 2)
+
+
+def test_no_modelled_figure_without_counted_forwards():
+    results = _fake_results()
+    for r in results["records"]:
+        r.pop("fed")
+    s = harness.summarise(results)["qa"]
+    assert s["trie"]["speedup_modelled"] is None and s["trie"]["speedup"] == 4.0
+    assert "| trie |" in report.markdown({**results, "summary": {"qa": s}})
 
 
 def test_no_copy_oracle_share_for_draft_models():
@@ -133,6 +154,7 @@ def test_report_files(tmp_path):
     assert loaded["summary"]["qa"]["trie"]["speedup"] == 4.0
     md = paths["markdown"].read_text()
     assert "triespec bench --quick" in md and "| trie:warm |" in md and "4.00×" in md
+    assert "1.54×" in md and "2: 1000.0" in md  # the modelled speed-up; the cost curve in ms
     for key in ("speedup", "steps"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the plots take the summary as it comes back from JSON (string keys)
@@ -161,9 +183,11 @@ def test_harness_on_smollm2(tmp_path):
             assert row["generations"] == n
             assert row["agreement"] == 1.0, (workload, method)  # fp32: every method is exact
             assert row["oracle_tokens_per_step"] >= 1.0
-        assert rows["plain"]["speedup"] == 1.0
+        assert rows["plain"]["speedup"] == 1.0 and rows["plain"]["speedup_modelled"] == 1.0
     assert max(turns.values()) == 1  # the chat workload's second turn ran
     for r in results["records"]:
         assert sum(r["tokens_per_step"]) == r["new_tokens"] == len(r["token_ids"]) <= 12
+        assert len(r["fed"]) == len(r["tokens_per_step"])
+    assert sorted(results["cost_curve"]["sizes"])[:3] == [1, 2, 4]
     paths = report.write(results, tmp_path)
     assert all(p.exists() for p in paths.values())

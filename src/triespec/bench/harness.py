@@ -55,6 +55,7 @@ class Record:
     draft_seconds: float
     peak_mb: float  # resident memory above the level before the call
     token_ids: list[int] = field(repr=False)
+    fed: list[int] = field(default_factory=list)  # tokens each target forward was fed, the prefill first
 
 
 def check(config: Config) -> list[M.Spec]:
@@ -90,6 +91,8 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
     _warm_up(model, tokenizer)
     n_warm = config.n_warm or config.n
     plan = {w: W.load(w, config.n, "eval", log=log) for w in config.workloads}
+    prompts = [len(_chat_ids(tokenizer, [{"role": "user", "content": t.turns[0]}])) for ts in plan.values() for t in ts]
+    curve = cost_curve(model, context=int(statistics.median(prompts)) + config.max_new_tokens // 2)
     total = sum(len(t.turns) for tasks in plan.values() for t in tasks) * len(specs)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
     records: list[Record] = []
@@ -115,7 +118,8 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
                     chats[spec.name].append({"role": "assistant", "content": _decode(tokenizer, out.token_ids)})
                     history[spec.name].append((ids, out.token_ids))
                     records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
-                                          out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids))
+                                          out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids,
+                                          out.fed))
                     bar.update()
         oracle[workload] = {
             "cold": copy_oracle(history[M.PLAIN], []),
@@ -126,6 +130,7 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
         "config": {**asdict(config), "methods": list(config.method_names())},
         "machine": machine(),
         "oracle": oracle,
+        "cost_curve": curve,
         "records": [asdict(r) for r in records],
     }
     results["summary"] = summarise(results)
@@ -168,6 +173,29 @@ def copy_oracle(generations: list[tuple[list[int], list[int]]], corpus: list[lis
     return {"tokens_per_step": tokens / max(steps, 1), "depth": depth}
 
 
+def cost_curve(model, context: int, max_tokens: int = 64, repeats: int = 5) -> dict:
+    """Seconds per forward by tokens fed, after `context` cached tokens, measured once
+    (the fastest of `repeats`): what `summarise` prices every method's forwards with."""
+    from ..budget import CostModel
+
+    measured = CostModel.measure(model, model.config, max_tokens, context=context, repeats=repeats)
+    return {"context": context, "sizes": measured.sizes, "seconds": measured.seconds}
+
+
+def modelled(records: list[dict], curve: dict) -> tuple[float, float] | None:
+    """(tokens, seconds) of `records` after their prefill, every forward priced by the
+    run's cost curve and the drafting time as measured: free of the machine's load
+    between methods. None if a record did not count its forwards."""
+    from ..budget import CostModel
+
+    if not all(r.get("fed") for r in records):
+        return None
+    cost = CostModel(curve["sizes"], curve["seconds"])
+    tokens = sum(r["new_tokens"] - r["tokens_per_step"][0] for r in records)
+    seconds = sum(sum(cost(f) for f in r["fed"][1:]) + r["draft_seconds"] for r in records)
+    return tokens, seconds
+
+
 def summarise(results: dict) -> dict:
     """Per workload and method: the figures of the report."""
     by_key: dict[tuple[str, str], list[dict]] = {}
@@ -186,6 +214,10 @@ def summarise(results: dict) -> dict:
         spec = M.parse(method)
         bound = results["oracle"][workload]["warm" if spec.warm else "cold"]["tokens_per_step"]
         mean_step = tokens / max(len(steps), 1)
+        curve = results.get("cost_curve")
+        priced = curve and modelled(rows, curve)
+        priced_plain = curve and modelled([plain[(r["task"], r["turn"])] for r in rows], curve)
+        decode_fed = [f for r in rows for f in r.get("fed", [])[1:]]
         summary.setdefault(workload, {})[method] = {
             "generations": len(rows),
             "tokens": tokens,
@@ -193,6 +225,10 @@ def summarise(results: dict) -> dict:
             "speedup": round((tokens / seconds) / (plain_tokens / plain_seconds), 3),
             "speedup_median": round(statistics.median(per_prompt), 3),
             "tokens_per_step": round(mean_step, 3),
+            # the forwards after the prefill: tokens fed to each (1 + the nodes verified, for a tree)
+            "fed_per_step": round(statistics.mean(decode_fed), 2) if decode_fed else None,
+            "speedup_modelled": round((priced[0] / priced[1]) / (priced_plain[0] / priced_plain[1]), 3)
+            if priced and priced_plain and priced[1] > 0 and priced_plain[1] > 0 and priced_plain[0] > 0 else None,
             "step_histogram": dict(sorted(Counter(steps).items())),
             "draft_share": round(sum(r["draft_seconds"] for r in rows) / seconds, 3),
             "peak_mb": round(max(r["peak_mb"] for r in rows), 1),

@@ -19,6 +19,7 @@ nodes a tree may have), `bl=N` (branch length).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class Output:
     seconds: float  # wall clock of the whole call
     tokens_per_step: list[int]  # tokens each target forward yielded (accepted + bonus)
     draft_seconds: float = 0.0  # time spent drafting, where the method reports it
+    fed: list[int] = field(default_factory=list)  # tokens each target forward was fed (the prefill first)
 
 
 @dataclass(frozen=True)
@@ -105,26 +107,17 @@ class Generate:
 
     @torch.inference_mode()
     def run(self, ids: list[int], max_new_tokens: int) -> Output:
-        cached: list[int] = []  # cache length at each target forward
-
-        def record(module, args, kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
-            cached.append(cache.get_seq_length() if cache is not None else 0)
-
-        hook = self.model.register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            x = torch.tensor([ids], device=self.model.device)
+        x = torch.tensor([ids], device=self.model.device)
+        with _forwards(self.model) as calls:
             t0 = time.perf_counter()
             out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                       do_sample=False, **self.kwargs)
             seconds = time.perf_counter() - t0
-        finally:
-            hook.remove()
         new = out[0, len(ids):].tolist()
         # known length after each forward: cache + the one pending token; the last: the output
-        bounds = [len(ids)] + [c + 1 for c in cached[1:]] + [len(ids) + len(new)]
+        bounds = [len(ids)] + [cached + 1 for cached, _ in calls[1:]] + [len(ids) + len(new)]
         steps = [b - a for a, b in zip(bounds, bounds[1:])]
-        return Output(new, seconds, [s for s in steps if s > 0])
+        return Output(new, seconds, [s for s in steps if s > 0], fed=[fed for _, fed in calls])
 
 
 class Triespec:
@@ -147,10 +140,31 @@ class Triespec:
             learn(answer)
 
     def run(self, ids: list[int], max_new_tokens: int) -> Output:
-        t0 = time.perf_counter()
-        result = self.engine.generate(ids, max_new_tokens=max_new_tokens)
-        seconds = time.perf_counter() - t0
-        return Output(result.token_ids, seconds, list(result.stats.tokens_per_step), result.stats.draft_time)
+        with _forwards(self.engine.model) as calls:
+            t0 = time.perf_counter()
+            result = self.engine.generate(ids, max_new_tokens=max_new_tokens)
+            seconds = time.perf_counter() - t0
+        return Output(result.token_ids, seconds, list(result.stats.tokens_per_step), result.stats.draft_time,
+                      fed=[fed for _, fed in calls])
+
+
+@contextmanager
+def _forwards(model):
+    """Record every forward of `model` while in the block: [(tokens cached before it,
+    tokens fed)]. A hook on the target alone, so a draft model's forwards are not counted."""
+    calls: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        fed = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        calls.append((cache.get_seq_length() if cache is not None else 0, fed))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
 
 
 def build(spec: Spec, model, tokenizer, draft_model=None):

@@ -10,7 +10,9 @@ COLUMNS = [  # (summary key, header, format)
     ("tokens_per_second", "tok/s", "{:.2f}"),
     ("speedup", "speedup", "{:.2f}×"),
     ("speedup_median", "median", "{:.2f}×"),
+    ("speedup_modelled", "modelled", "{:.2f}×"),
     ("tokens_per_step", "tok/step", "{:.2f}"),
+    ("fed_per_step", "fed/step", "{:.1f}"),
     ("oracle_share", "of oracle", "{:.0%}"),
     ("draft_share", "drafting", "{:.0%}"),
     ("peak_mb", "peak MB", "{:.0f}"),
@@ -44,11 +46,18 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
         f"{machine['memory_gb']} GB; torch {machine['torch']}, transformers {machine['transformers']}; {machine['date']}.",
         "",
         "speedup: tokens/s against plain decoding over the same generations (aggregate; median: per generation). "
-        "tok/step: tokens per target forward. of oracle: accepted draft tokens per step as a share of a perfect "
+        "modelled: the same, with every forward after the prefill priced by the cost curve below (measured once "
+        "in the run) and drafting as measured, so the machine's load between methods does not count. "
+        "tok/step: tokens per target forward. fed/step: tokens fed to each forward after the prefill (1 + the "
+        "nodes verified). of oracle: accepted draft tokens per step as a share of a perfect "
         "retrieval drafter's (copying from the prompt, past outputs and, for warm methods, the warm split). "
         "= plain: share of generations identical to plain greedy decoding.",
         "",
     ]
+    curve = results.get("cost_curve")
+    if curve:
+        lines += [f"Cost curve ({curve['context']} tokens cached), ms per forward by tokens fed: "
+                  + ", ".join(f"{n}: {1000 * t:.1f}" for n, t in zip(curve["sizes"], curve["seconds"])), ""]
     for workload, methods in results["summary"].items():
         oracle = results["oracle"][workload]
         lines += [f"### {workload}", "",
@@ -57,7 +66,7 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
                   "| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
                   "|---|" + "---:|" * len(COLUMNS)]
         for method, row in methods.items():
-            cells = ["—" if row[k] is None else fmt.format(row[k]) for k, _, fmt in COLUMNS]
+            cells = ["—" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in COLUMNS]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"![{p}]({p})" for p in plots]
