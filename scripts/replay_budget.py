@@ -9,8 +9,9 @@ TrieDrafter, cut with the real budget code, accept the longest path that matches
 recorded output, learn, and charge the step cost(tokens fed) from the curve. Each
 workload shares one drafter memory, as in the harness. The result is a *simulation*:
 it is how the budget was tuned in minutes rather than hours, not a speed claim (those
-come from `triespec bench`). The default curve is Qwen2.5-Coder-1.5B in fp32 on a
-2-core AVX2 EPYC (seconds by tokens fed).
+come from `triespec bench`). The curve is the one the run measured (results.json's
+`cost_curve`, recorded since 2026-11-27); for older runs, Qwen2.5-Coder-1.5B in fp32 on a
+2-core AVX2 EPYC (seconds by tokens fed), unless `--curve` is given.
 """
 
 from __future__ import annotations
@@ -58,14 +59,15 @@ def accepted(tree, output: list[int]) -> int:
 
 
 def replay(generations, cost: CostModel, decoding_length: int, adaptive: bool) -> tuple[float, float]:
-    """(simulated seconds, plain decoding's seconds) for one workload's generations."""
+    """(simulated seconds, plain decoding's seconds) for one workload's generations, both
+    for the tokens after each generation's first forward: the prefill costs every method
+    the same, and leaving it out is how the harness's modelled speed-up counts too."""
     drafter = TrieDrafter(decoding_length=decoding_length)
     calibration = Calibration() if adaptive else None
     spent = plain = 0.0
     for prompt, output in generations:
         session = drafter.begin(prompt)
         seq, done, pending, watch = list(prompt), 0, len(prompt), []
-        plain += cost(len(prompt)) + (len(output) - 1) * cost(1)
         while done < len(output):
             tree = session.propose(max_nodes=10**6, max_depth=len(output) - done - 1)
             if calibration is not None and len(tree):
@@ -73,7 +75,9 @@ def replay(generations, cost: CostModel, decoding_length: int, adaptive: bool) -
                 watch.append(Watched(len(seq), tree, size, expected_tokens(tree, size, calibration)))
                 tree = tree.prefix(max_nodes=size)
             new = output[done : done + accepted(tree, output[done:]) + 1]
-            spent += cost(pending + len(tree))
+            if done:  # after the prefill: plain decoding would spend a forward per token
+                spent += cost(pending + len(tree))
+                plain += len(new) * cost(1)
             done, pending = done + len(new), 1
             seq += new
             if calibration is not None:
@@ -86,23 +90,30 @@ def replay(generations, cost: CostModel, decoding_length: int, adaptive: bool) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="results.json of a triespec bench run with a `plain` method")
-    parser.add_argument("--curve", default=FP32_CURVE, help="tokens:seconds pairs of the forward cost")
+    parser.add_argument("--curve", help="tokens:seconds pairs of the forward cost (default: the run's own)")
     parser.add_argument("--sizes", default="4,8,16,32", help="fixed decoding lengths to compare")
     args = parser.parse_args()
     results = json.load(open(args.results))
     path = Path(model_path(results["config"]["model"]))
     tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
                  else AutoTokenizer.from_pretrained(path))
-    points = [p.split(":") for p in args.curve.split(",")]
-    cost = CostModel([int(t) for t, _ in points], [float(s) for _, s in points])
+    if args.curve:
+        points = [p.split(":") for p in args.curve.split(",")]
+        cost = CostModel([int(t) for t, _ in points], [float(s) for _, s in points])
+    elif "cost_curve" in results:
+        cost = CostModel(results["cost_curve"]["sizes"], results["cost_curve"]["seconds"])
+    else:
+        points = [p.split(":") for p in FP32_CURVE.split(",")]
+        cost = CostModel([int(t) for t, _ in points], [float(s) for _, s in points])
     sizes = [int(s) for s in args.sizes.split(",")]
     print("simulated speed-up over plain decoding\n")
-    print("| workload | " + " | ".join(f"fixed dl={s}" for s in sizes) + " | adaptive |")
-    print("|---|" + "---:|" * (len(sizes) + 1))
+    print("| workload | " + " | ".join(f"fixed dl={s}" for s in sizes) + " | adaptive | adaptive / best fixed |")
+    print("|---|" + "---:|" * (len(sizes) + 2))
     for workload, generations in recorded(results, tokenizer).items():
         cells = [replay(generations, cost, s, adaptive=False) for s in sizes]
         cells.append(replay(generations, cost, max(sizes), adaptive=True))
-        print(f"| {workload} | " + " | ".join(f"{plain / spent:.2f}×" for spent, plain in cells) + " |")
+        speedups = [plain / spent for spent, plain in cells]
+        print(f"| {workload} | " + " | ".join(f"{x:.2f}×" for x in speedups) + f" | {speedups[-1] / max(speedups[:-1]):.3f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
 from triespec.tree import MODEL, TRIE
 from triespec.drafters import MergedDrafter, ModelDrafter, TrieDrafter
-from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label
+from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label, worth
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -76,6 +76,33 @@ def test_a_sure_chain_is_worth_the_product_of_its_edge_rates():
     assert best_size(chain, 1, jump, sure) == 15  # edges that are always right do pay
 
 
+def test_the_prior_explores_only_where_draft_tokens_are_nearly_free():
+    """Before any evidence, a chain of seen-once trie paths is worth 0.2 + 0.04 + ...:
+    enough to verify a few nodes where they cost next to nothing, never where a second
+    token doubles the forward."""
+    chain = scored_chain([1.0] * 8)
+    bf16 = CostModel([1, 2, 4, 8, 16, 32], [0.206, 0.227, 0.229, 0.243, 0.305, 0.443])  # measured 2026-11-27
+    fp32 = CostModel([1, 2, 4, 8, 16, 32], [0.41, 0.90, 1.0, 1.0, 1.2, 1.6])
+    assert best_size(chain, 1, bf16, Calibration()) > 0
+    assert best_size(chain, 1, fp32, Calibration()) == 0
+    assert best_size(chain, 1, bf16, Calibration(trie_mean=0.0)) == 0  # a prior of nothing never explores
+
+
+def test_siblings_share_their_parents_chance_first_listed_first():
+    """Siblings are different tokens at one position: at most one is accepted."""
+    #   root -> 5 (0.8)            node 0
+    #        -> 9 (0.6) -> 6 (1.0) nodes 1, 2
+    tree = TokenTree((5, 9, 6), (-1, -1, 1), (0.8, 0.6, 0.6))
+    # 0.8 + 0.6 > 1: the first keeps 0.8, the second gets what is left, and its child alike
+    assert worth(tree, Exact()) == pytest.approx(0.8 + 0.2 + 0.2)
+    assert worth(TokenTree((5, 9), (-1, -1), (0.5, 0.3)), Exact()) == pytest.approx(0.8)  # they fit: as they were
+    # two branches of a copy, each sure at every edge: worth one branch, not two
+    two = TokenTree((1, 2, 3, 4, 7, 8), (-1, 0, 1, 0, 3, 4), (1.0,) * 6)
+    assert worth(two, Exact()) == pytest.approx(3.0)
+    bf16 = CostModel([1, 4, 8], [1.0, 1.05, 1.5])  # the first 3 nodes nearly free, the next ones not
+    assert best_size(two, 1, bf16, Exact()) == 3  # the first branch; the second is worth nothing more
+
+
 def test_edges_count_a_node_only_where_its_parent_was_accepted():
     tree = TokenTree((5, 6, 7, 9, 6), (-1, 0, 1, -1, 3))
     # 9 (node 3) was rejected at the root, so its child (node 4) says nothing about its own edge
@@ -84,8 +111,8 @@ def test_edges_count_a_node_only_where_its_parent_was_accepted():
 
 
 def test_calibration_learns_the_observed_rate():
-    cal = Calibration(prior=4.0)
-    assert cal.rate(0.55) == 0.0  # pessimistic: nothing is worth verifying before evidence
+    assert Calibration().rate(0.55) == pytest.approx(0.2)  # a trie node before evidence: cautious
+    cal = Calibration(prior=4.0, trie_mean=0.0)  # counting alone
     for _ in range(400):
         cal.observe(0.55, False)
     for _ in range(100):
@@ -97,16 +124,16 @@ def test_calibration_learns_the_observed_rate():
     assert cal.rate(0.55, depth=5) == pytest.approx(10 / 14)  # depths 5 and deeper share a cell
 
 
-def test_a_draft_models_nodes_start_at_their_q_and_the_tries_at_nothing():
+def test_a_draft_models_nodes_start_at_their_q_and_the_tries_cautious():
     """A small model's q is an estimate of acceptance from the first step, and its
     forwards are spent before the cut; a trie's 1.0 (a path seen once) is not."""
     cal = Calibration()
-    assert cal.rate(0.85, 1, kind=MODEL) == pytest.approx(0.85) and cal.rate(0.85, 1) == 0.0
+    assert cal.rate(0.85, 1, kind=MODEL) == pytest.approx(0.85) and cal.rate(0.85, 1) == pytest.approx(0.2)
     bf16 = CostModel([1, 2, 4, 8, 16], [0.19, 0.20, 0.21, 0.23, 0.29])  # about Qwen 1.5B bf16, AVX512_BF16
     scores = [0.9 ** d for d in range(1, 9)]  # a chain, q = 0.9 at every edge
     model_chain = TokenTree(tuple(range(1, 9)), tuple(range(-1, 7)), tuple(scores), kinds=(MODEL,) * 8)
     assert best_size(model_chain, 1, bf16, cal) == 8
-    assert best_size(scored_chain(scores), 1, bf16, cal) == 0  # the same chain from the trie
+    assert best_size(scored_chain(scores), 1, bf16, cal) <= 2  # the same chain from the trie: a node or two
     for _ in range(200):  # evidence overrides the prior: this model's 0.9 is right half the time
         cal.observe(0.9, False, 1, kind=MODEL)
         cal.observe(0.9, True, 1, kind=MODEL)
@@ -125,7 +152,7 @@ def test_a_merged_node_is_of_the_model_kind_when_a_model_proposed_it():
 
 
 def test_a_watched_tree_teaches_each_edge_as_soon_as_a_token_decides_it():
-    cal = Calibration(prior=4.0)
+    cal = Calibration(prior=4.0, trie_mean=0.0)
     chain = scored_chain([1.0, 1.0, 1.0])  # tokens 1, 2, 3 at depths 1, 2, 3
     watched = Watched(start=5, tree=chain, size=3, expected=2.0)
     seq = [0] * 5
@@ -151,7 +178,7 @@ def test_the_scale_corrects_rates_that_overrate_whole_trees():
     assert cal.scale == pytest.approx(21 / 41)
     jump = CostModel([1, 2, 3, 64], [1.0, 2.2, 2.6, 4.0])
     assert best_size(chain, 1, jump, cal) == 0  # 1 + 2 x 0.51 tokens do not pay for 2.6
-    assert best_size(chain, 1, jump, Calibration()) == 0  # nor does anything before evidence
+    assert best_size(chain, 1, jump, Calibration()) == 0  # nor does the cautious prior, on this curve
 
 
 def test_a_batch_spends_its_budget_on_the_likeliest_nodes_of_any_row():

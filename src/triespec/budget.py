@@ -104,15 +104,18 @@ class Calibration:
     but far less at depth 1, and one rate for both tripled the expected tokens).
 
     The kind matters because the scores mean different things (tree.KINDS). A trie's
-    score is a count ratio (a path seen once scores 1.0), so its cells start
-    pessimistic: `prior` pseudo-observations of rejection, and a trie node is worth
-    nothing until trees scored in the shadow (which costs no forward) have shown that
-    nodes like it are accepted. Where a draft token costs more than a token (fp32 on a
-    CPU without AMX) a trusting prior lost 10-15% on workloads with nothing to copy;
-    where there is, the evidence comes within a few steps (edges are learned as soon as
-    a token decides them, `Watched`). Two pseudo-rejections were the best of 1, 2 and 4
-    in replays of the benchmark's outputs (scripts/replay_budget.py) under three cost
-    curves. Trie nodes drafted while a copy is going on (COPYING) have cells of their
+    score is a count ratio (a path seen once scores 1.0), so its cells start cautious:
+    `prior` pseudo-observations at `trie_mean` (0.2), whatever the score, until trees
+    scored in the shadow (which costs no forward) show how nodes like it fare. Trie edges
+    out of the root, the most numerous, were right 13% of the time on the benchmark's
+    warm split (24% at depth 2, 68-77% deeper, where a copy is under way). A trusting
+    prior (the trie's 1.0) lost 10-15% in fp32 on workloads with nothing to copy; a
+    chain at 0.2 per edge is worth 0.25 tokens, which pays only where draft tokens are
+    nearly free: there (bf16 on an AVX512_BF16 CPU) a prior of nothing verified no draft
+    until evidence came, and on short answers that start was most of the answer (qa in
+    bf16: 0.85 of the best fixed size, modelled; 0.96 with 0.2 in replays of it, while
+    fp32's figures did not move). Two pseudo-observations were the best of 1, 2 and 4 in
+    replays of the benchmark's outputs (scripts/replay_budget.py). Trie nodes drafted while a copy is going on (COPYING) have cells of their
     own: out of a fresh match, many wrong siblings keep a depth-1 edge's rate low, which
     then also cut the continuation of a copy that had just given 12 tokens.
     A draft model's score is its probability q of the edge, already an estimate of
@@ -123,11 +126,11 @@ class Calibration:
 
     depths = (1, 2, 3, 5)  # a cell per depth class: 1, 2, 3-4, 5 and deeper
 
-    def __init__(self, bins: int = 10, prior: float = 2.0):
+    def __init__(self, bins: int = 10, prior: float = 2.0, trie_mean: float = 0.2):
         self.bins = bins
         per_kind = bins * len(self.depths)
         self.drafted = [prior] * (len(KINDS) * per_kind)
-        self.accepted = [prior * (c % bins + 0.5) / bins if c // per_kind == MODEL else 0.0
+        self.accepted = [prior * ((c % bins + 0.5) / bins if c // per_kind == MODEL else trie_mean)
                          for c in range(len(self.drafted))]
         self.expected = self.realized = 0.0  # tokens of the trees as cut, expected and accepted
 
@@ -275,7 +278,28 @@ def _reach(tree: TokenTree, calibration: Calibration, scaled: bool = True) -> li
     for node, parent in enumerate(tree.parents):
         reach.append((reach[parent] if parent >= 0 else 1.0) * calibration.node_rate(tree, node))
     scale = calibration.scale if scaled else 1.0
-    return [min(r * scale, 1.0) for r in reach]
+    return _exclusive(tree, [min(r * scale, 1.0) for r in reach])
+
+
+def _exclusive(tree: TokenTree, reach: list[float]) -> list[float]:
+    """Siblings are different tokens at one position, so at most one of them is accepted:
+    their chances add up to at most their parent's. Where the estimates add up to more,
+    the siblings listed first (drafters list the likeliest first) keep theirs and the
+    later ones get what is left, their subtrees scaled alike. Without this, a scale
+    above 1 (copies longer than the rates expect) gave two equally scored branches a
+    chance near 1 each: in bf16 on code, 24 nodes verified on steps where the first
+    branch's 12 were accepted and the fixed 16-node size verified 12-16."""
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(tree.parents):
+        children.setdefault(parent, []).append(node)
+    fitted = list(reach)
+    for parent, kids in children.items():  # parents come before their children
+        above = 1.0 if parent < 0 else fitted[parent]
+        shrink = 1.0 if parent < 0 or reach[parent] <= 0 else fitted[parent] / reach[parent]
+        for kid in kids:
+            fitted[kid] = min(reach[kid] * shrink, above)
+            above -= fitted[kid]
+    return fitted
 
 
 def label(tree: TokenTree, realized: list[int]) -> list[tuple[int, bool]]:
