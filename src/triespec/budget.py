@@ -113,10 +113,11 @@ class Calibration:
     chain at 0.2 per edge is worth 0.25 tokens, which pays only where draft tokens are
     nearly free: there (bf16 on an AVX512_BF16 CPU) a prior of nothing verified no draft
     until evidence came, and on short answers that start was most of the answer (qa in
-    bf16: 0.85 of the best fixed size, modelled; 0.96 with 0.2 in replays of it, while
-    fp32's figures did not move). Two pseudo-observations were the best of 1, 2 and 4 in
-    replays of the benchmark's outputs (scripts/replay_budget.py). Trie nodes drafted while a copy is going on (COPYING) have cells of their
-    own: out of a fresh match, many wrong siblings keep a depth-1 edge's rate low, which
+    bf16: 0.85 of the best fixed size, modelled, and 0.92 with 0.2; in replays under an
+    fp32 curve nothing lost more than 0.05). Two pseudo-observations were the best of
+    1, 2 and 4 in replays of the benchmark's outputs (scripts/replay_budget.py), with the
+    earlier prior of nothing. Trie nodes drafted while a copy is going on (COPYING) have
+    cells of their own: out of a fresh match, many wrong siblings keep a depth-1 edge's rate low, which
     then also cut the continuation of a copy that had just given 12 tokens.
     A draft model's score is its probability q of the edge, already an estimate of
     acceptance, and its forwards are spent before the cut: a pessimistic start threw its
