@@ -18,7 +18,7 @@ _init = budget.Calibration.__init__
 
 
 def _deep_prior(self, bins: int = 10, prior: float = 2.0) -> None:
-    _init(self, bins, prior)
+    _init(self, bins, prior, trie_mean=0.0)  # the candidate was measured with a depth-1 prior of nothing
     per_kind = bins * len(self.depths)
     for c in range(len(self.drafted)):
         kind, depth_class, b = c // per_kind, (c % per_kind) // bins, c % bins
