@@ -130,6 +130,16 @@ def test_summary_figures():
     assert (s["plain"]["fed_per_step"], s["trie"]["fed_per_step"], s["trie:warm"]["fed_per_step"]) == (1, 5, 2)
 
 
+def test_modelled_figure_over_the_generations_every_method_agreed_on():
+    results = _fake_results()
+    s = results["summary"]["qa"]
+    assert s["trie"]["agreed_generations"] == 0 and s["trie"]["speedup_modelled_agreed"] is None  # trie:warm differs
+    results["records"][2]["token_ids"] = [5] * 8  # now every method wrote plain's text
+    s = harness.summarise(results)["qa"]
+    assert s["trie"]["agreed_generations"] == 1
+    assert s["trie"]["speedup_modelled_agreed"] == s["trie"]["speedup_modelled"]
+
+
 def test_no_modelled_figure_without_counted_forwards():
     results = _fake_results()
     for r in results["records"]:

@@ -201,6 +201,13 @@ def summarise(results: dict) -> dict:
     by_key: dict[tuple[str, str], list[dict]] = {}
     for r in results["records"]:
         by_key.setdefault((r["workload"], r["method"]), []).append(r)
+    # per workload, the generations where every method's output was plain's: in bf16 a
+    # method can take another path (rounding), and speeds over different texts differ
+    agreed: dict[str, set] = {}
+    for (workload, method), rows in by_key.items():
+        plain_ids = {(r["task"], r["turn"]): r["token_ids"] for r in by_key[(workload, M.PLAIN)]}
+        same = {(r["task"], r["turn"]) for r in rows if r["token_ids"] == plain_ids[(r["task"], r["turn"])]}
+        agreed[workload] = agreed.get(workload, same) & same
     summary: dict[str, dict] = {}
     for (workload, method), rows in by_key.items():
         plain = {(r["task"], r["turn"]): r for r in by_key[(workload, M.PLAIN)]}
@@ -217,6 +224,9 @@ def summarise(results: dict) -> dict:
         curve = results.get("cost_curve")
         priced = curve and modelled(rows, curve)
         priced_plain = curve and modelled([plain[(r["task"], r["turn"])] for r in rows], curve)
+        same_rows = [r for r in rows if (r["task"], r["turn"]) in agreed[workload]]
+        priced_same = curve and same_rows and modelled(same_rows, curve)
+        priced_same_plain = curve and same_rows and modelled([plain[(r["task"], r["turn"])] for r in same_rows], curve)
         decode_fed = [f for r in rows for f in r.get("fed", [])[1:]]
         summary.setdefault(workload, {})[method] = {
             "generations": len(rows),
@@ -227,8 +237,10 @@ def summarise(results: dict) -> dict:
             "tokens_per_step": round(mean_step, 3),
             # the forwards after the prefill: tokens fed to each (1 + the nodes verified, for a tree)
             "fed_per_step": round(statistics.mean(decode_fed), 2) if decode_fed else None,
-            "speedup_modelled": round((priced[0] / priced[1]) / (priced_plain[0] / priced_plain[1]), 3)
-            if priced and priced_plain and priced[1] > 0 and priced_plain[1] > 0 and priced_plain[0] > 0 else None,
+            "speedup_modelled": _ratio(priced, priced_plain),
+            # the same over the generations where every method agreed with plain
+            "speedup_modelled_agreed": _ratio(priced_same, priced_same_plain),
+            "agreed_generations": len(same_rows),
             "step_histogram": dict(sorted(Counter(steps).items())),
             "draft_share": round(sum(r["draft_seconds"] for r in rows) / seconds, 3),
             "peak_mb": round(max(r["peak_mb"] for r in rows), 1),
@@ -240,6 +252,13 @@ def summarise(results: dict) -> dict:
             else None,
         }
     return summary
+
+
+def _ratio(priced, priced_plain) -> float | None:
+    """Tokens per modelled second over plain's, from two `modelled` (tokens, seconds)."""
+    if not priced or not priced_plain or priced[1] <= 0 or priced_plain[0] <= 0 or priced_plain[1] <= 0:
+        return None
+    return round((priced[0] / priced[1]) / (priced_plain[0] / priced_plain[1]), 3)
 
 
 def machine() -> dict:

@@ -11,6 +11,7 @@ COLUMNS = [  # (summary key, header, format)
     ("speedup", "speedup", "{:.2f}×"),
     ("speedup_median", "median", "{:.2f}×"),
     ("speedup_modelled", "modelled", "{:.2f}×"),
+    ("speedup_modelled_agreed", "modelled, = all", "{:.2f}×"),
     ("tokens_per_step", "tok/step", "{:.2f}"),
     ("fed_per_step", "fed/step", "{:.1f}"),
     ("oracle_share", "of oracle", "{:.0%}"),
@@ -47,7 +48,9 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
         "",
         "speedup: tokens/s against plain decoding over the same generations (aggregate; median: per generation). "
         "modelled: the same, with every forward after the prefill priced by the cost curve below (measured once "
-        "in the run) and drafting as measured, so the machine's load between methods does not count. "
+        "in the run) and drafting as measured, so the machine's load between methods does not count; "
+        "= all: the same over the generations where every method's output was plain's (in bf16 a method can "
+        "round its way to another text). "
         "tok/step: tokens per target forward. fed/step: tokens fed to each forward after the prefill (1 + the "
         "nodes verified). of oracle: accepted draft tokens per step as a share of a perfect "
         "retrieval drafter's (copying from the prompt, past outputs and, for warm methods, the warm split). "
