@@ -97,13 +97,10 @@ def main() -> None:
     path = Path(model_path(results["config"]["model"]))
     tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
                  else AutoTokenizer.from_pretrained(path))
-    if args.curve:
-        points = [p.split(":") for p in args.curve.split(",")]
-        cost = CostModel([int(t) for t, _ in points], [float(s) for _, s in points])
-    elif "cost_curve" in results:
+    if "cost_curve" in results and not args.curve:
         cost = CostModel(results["cost_curve"]["sizes"], results["cost_curve"]["seconds"])
     else:
-        points = [p.split(":") for p in FP32_CURVE.split(",")]
+        points = [p.split(":") for p in (args.curve or FP32_CURVE).split(",")]
         cost = CostModel([int(t) for t, _ in points], [float(s) for _, s in points])
     sizes = [int(s) for s in args.sizes.split(",")]
     print("simulated speed-up over plain decoding\n")

@@ -201,13 +201,11 @@ def summarise(results: dict) -> dict:
     by_key: dict[tuple[str, str], list[dict]] = {}
     for r in results["records"]:
         by_key.setdefault((r["workload"], r["method"]), []).append(r)
-    # per workload, the generations where every method's output was plain's: in bf16 a
-    # method can take another path (rounding), and speeds over different texts differ
-    agreed: dict[str, set] = {}
-    for (workload, method), rows in by_key.items():
-        plain_ids = {(r["task"], r["turn"]): r["token_ids"] for r in by_key[(workload, M.PLAIN)]}
-        same = {(r["task"], r["turn"]) for r in rows if r["token_ids"] == plain_ids[(r["task"], r["turn"])]}
-        agreed[workload] = agreed.get(workload, same) & same
+    # the generations where some method's output was not plain's: in bf16 a method can
+    # take another path (rounding), and speeds over different texts are not comparable
+    plain_ids = {_gen(r): r["token_ids"] for r in results["records"] if r["method"] == M.PLAIN}
+    differ = {_gen(r) for r in results["records"] if r["token_ids"] != plain_ids[_gen(r)]}
+    curve = results.get("cost_curve")
     summary: dict[str, dict] = {}
     for (workload, method), rows in by_key.items():
         plain = {(r["task"], r["turn"]): r for r in by_key[(workload, M.PLAIN)]}
@@ -221,12 +219,13 @@ def summarise(results: dict) -> dict:
         spec = M.parse(method)
         bound = results["oracle"][workload]["warm" if spec.warm else "cold"]["tokens_per_step"]
         mean_step = tokens / max(len(steps), 1)
-        curve = results.get("cost_curve")
-        priced = curve and modelled(rows, curve)
-        priced_plain = curve and modelled([plain[(r["task"], r["turn"])] for r in rows], curve)
-        same_rows = [r for r in rows if (r["task"], r["turn"]) in agreed[workload]]
-        priced_same = curve and same_rows and modelled(same_rows, curve)
-        priced_same_plain = curve and same_rows and modelled([plain[(r["task"], r["turn"])] for r in same_rows], curve)
+        same_rows = [r for r in rows if _gen(r) not in differ]
+
+        def modelled_speedup(subset: list[dict]) -> float | None:
+            if not curve or not subset:
+                return None
+            return _ratio(modelled(subset, curve), modelled([plain[(r["task"], r["turn"])] for r in subset], curve))
+
         decode_fed = [f for r in rows for f in r.get("fed", [])[1:]]
         summary.setdefault(workload, {})[method] = {
             "generations": len(rows),
@@ -237,9 +236,9 @@ def summarise(results: dict) -> dict:
             "tokens_per_step": round(mean_step, 3),
             # the forwards after the prefill: tokens fed to each (1 + the nodes verified, for a tree)
             "fed_per_step": round(statistics.mean(decode_fed), 2) if decode_fed else None,
-            "speedup_modelled": _ratio(priced, priced_plain),
+            "speedup_modelled": modelled_speedup(rows),
             # the same over the generations where every method agreed with plain
-            "speedup_modelled_agreed": _ratio(priced_same, priced_same_plain),
+            "speedup_modelled_agreed": modelled_speedup(same_rows),
             "agreed_generations": len(same_rows),
             "step_histogram": dict(sorted(Counter(steps).items())),
             "draft_share": round(sum(r["draft_seconds"] for r in rows) / seconds, 3),
@@ -252,6 +251,11 @@ def summarise(results: dict) -> dict:
             else None,
         }
     return summary
+
+
+def _gen(record: dict) -> tuple[str, str, int]:
+    """Which generation a record is, whatever the method."""
+    return record["workload"], record["task"], record["turn"]
 
 
 def _ratio(priced, priced_plain) -> float | None:
