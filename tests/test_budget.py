@@ -16,8 +16,21 @@ def test_cost_model_interpolates_and_extrapolates():
     assert cost(8) == pytest.approx(3.5)  # the last slope, extended
     cost.observe(2, 4.0)
     assert cost(2) == pytest.approx(2.4)  # moved 20% of the way to the observed step
-    cost.observe(3, 100.0)  # no measured size 3: nothing to refine
-    assert cost(3) == pytest.approx(2.45)
+    cost.observe(3, 3.45)  # between 2 and 4: each moves by its share of the 1.0 error
+    assert cost(2) == pytest.approx(2.5) and cost(4) == pytest.approx(2.6)
+    cost.observe(9, 100.0)  # beyond the largest measured size: nothing to refine
+    assert cost.seconds == pytest.approx([1.0, 2.5, 2.6])
+
+
+def test_cost_model_refined_by_steps_of_every_size_keeps_its_shape():
+    # Real steps run slower than the start-up's best-of-two (longer context, jitter): a
+    # refinement that followed only the often-fed sizes would flatten the curve.
+    cost = CostModel([1, 2, 4, 8, 16, 32], [0.20, 0.20, 0.21, 0.23, 0.28, 0.42])
+    for _ in range(200):
+        for tokens in (1, 1, 1, 2, 3, 5, 7, 11, 13, 19, 26):
+            cost.observe(tokens, 1.1 * (0.2 + 0.007 * max(tokens - 4, 0)))
+    real = [1.1 * (0.2 + 0.007 * max(s - 4, 0)) for s in (1, 2, 4, 8, 16)]
+    assert cost.seconds[:5] == pytest.approx(real, rel=0.03)
     with pytest.raises(ValueError):
         CostModel([2, 1], [1.0, 1.0])
 
