@@ -20,6 +20,8 @@ def test_cost_model_interpolates_and_extrapolates():
     assert cost(2) == pytest.approx(2.5) and cost(4) == pytest.approx(2.6)
     cost.observe(9, 100.0)  # beyond the largest measured size: nothing to refine
     assert cost.seconds == pytest.approx([1.0, 2.5, 2.6])
+    with pytest.raises(ValueError):
+        CostModel([2, 1], [1.0, 1.0])
 
 
 def test_cost_model_refined_by_steps_of_every_size_keeps_its_shape():
@@ -31,8 +33,6 @@ def test_cost_model_refined_by_steps_of_every_size_keeps_its_shape():
             cost.observe(tokens, 1.1 * (0.2 + 0.007 * max(tokens - 4, 0)))
     real = [1.1 * (0.2 + 0.007 * max(s - 4, 0)) for s in (1, 2, 4, 8, 16)]
     assert cost.seconds[:5] == pytest.approx(real, rel=0.03)
-    with pytest.raises(ValueError):
-        CostModel([2, 1], [1.0, 1.0])
 
 
 def test_cost_model_is_measured_on_the_model():
