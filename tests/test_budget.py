@@ -188,10 +188,29 @@ def test_the_scale_corrects_rates_that_overrate_whole_trees():
     assert cal.scale == 1.0
     for _ in range(20):  # each 2-node chain was worth ~2 tokens by the rates, and 1 was accepted
         cal.learn(chain, [1, 9], size=2, expected=2.0)
-    assert cal.scale == pytest.approx(21 / 41)
+    assert cal.scale == pytest.approx(24 / 44)  # four prior tokens, all accepted
     jump = CostModel([1, 2, 3, 64], [1.0, 2.2, 2.6, 4.0])
-    assert best_size(chain, 1, jump, cal) == 0  # 1 + 2 x 0.51 tokens do not pay for 2.6
+    assert best_size(chain, 1, jump, cal) == 0  # 1 + 2 x 0.55 tokens do not pay for 2.6
     assert best_size(chain, 1, jump, Calibration()) == 0  # nor does the cautious prior, on this curve
+
+
+def test_one_failed_tree_does_not_shut_drafting_off():
+    # Where a second token costs 1.6x the first, a chain the rates are sure of (0.98 per
+    # edge) still pays after one verified tree was rejected: the scale's prior keeps it
+    # at 4/6, where a prior of one token would put it at 1/3 and verify nothing.
+    def sure():
+        cal = Calibration()
+        for depth in (1, 2):
+            for _ in range(100):
+                cal.observe(1.0, True, depth)
+        cal.learn(scored_chain([1.0, 1.0]), [9], size=2, expected=2.0)
+        return cal
+    chain, steep = scored_chain([1.0, 1.0]), CostModel([1, 2, 3, 64], [1.0, 1.6, 2.0, 4.0])
+    assert sure().scale == pytest.approx(4 / 6)
+    assert best_size(chain, 1, steep, sure()) == 2
+    one = sure()
+    one.scale_prior = 1.0
+    assert best_size(chain, 1, steep, one) == 0
 
 
 def test_a_batch_spends_its_budget_on_the_likeliest_nodes_of_any_row():
