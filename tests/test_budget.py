@@ -45,6 +45,15 @@ def scored_chain(scores):
     return TokenTree(tuple(range(1, len(scores) + 1)), tuple(range(-1, len(scores) - 1)), tuple(scores))
 
 
+def sure_of(depths) -> Calibration:
+    """A calibration that saw 100 trie edges scored 1.0 accepted at each of `depths`."""
+    cal = Calibration()
+    for depth in depths:
+        for _ in range(100):
+            cal.observe(1.0, True, depth)
+    return cal
+
+
 class Exact(Calibration):
     """A calibration that believes the drafter."""
 
@@ -82,11 +91,7 @@ def test_a_sure_chain_is_worth_the_product_of_its_edge_rates():
     jump = CostModel([1, 2, 64], [1.0, 2.2, 4.0])  # Qwen 1.5B fp32 on this machine: 2 tokens cost 2.2
     assert best_size(chain, 1, jump, cal) == 0
     assert best_size(chain, 1, CostModel([1, 64], [1.0, 1.0]), cal) == 15  # free tokens: take them all
-    sure = Calibration()
-    for depth in range(1, 16):
-        for _ in range(100):
-            sure.observe(1.0, True, depth)
-    assert best_size(chain, 1, jump, sure) == 15  # edges that are always right do pay
+    assert best_size(chain, 1, jump, sure_of(range(1, 16))) == 15  # edges that are always right do pay
 
 
 def test_the_prior_explores_only_where_draft_tokens_are_nearly_free():
@@ -180,10 +185,7 @@ def test_a_watched_tree_teaches_each_edge_as_soon_as_a_token_decides_it():
 
 
 def test_the_scale_corrects_rates_that_overrate_whole_trees():
-    cal = Calibration()
-    for depth in (1, 2):
-        for _ in range(100):
-            cal.observe(1.0, True, depth)
+    cal = sure_of((1, 2))
     chain = scored_chain([1.0, 1.0])
     assert cal.scale == 1.0
     for _ in range(20):  # each 2-node chain was worth ~2 tokens by the rates, and 1 was accepted
@@ -199,10 +201,7 @@ def test_one_failed_tree_does_not_shut_drafting_off():
     # edge) still pays after one verified tree was rejected: the scale's prior keeps it
     # at 4/6, where a prior of one token would put it at 1/3 and verify nothing.
     def sure():
-        cal = Calibration()
-        for depth in (1, 2):
-            for _ in range(100):
-                cal.observe(1.0, True, depth)
+        cal = sure_of((1, 2))
         cal.learn(scored_chain([1.0, 1.0]), [9], size=2, expected=2.0)
         return cal
     chain, steep = scored_chain([1.0, 1.0]), CostModel([1, 2, 3, 64], [1.0, 1.6, 2.0, 4.0])

@@ -134,8 +134,8 @@ class Calibration:
     fp32 curve nothing lost more than 0.05). Two pseudo-observations were the best of
     1, 2 and 4 in replays of the benchmark's outputs (scripts/replay_budget.py), with the
     earlier prior of nothing. Trie nodes drafted while a copy is going on (COPYING) have
-    cells of their own: out of a fresh match, many wrong siblings keep a depth-1 edge's rate low, which
-    then also cut the continuation of a copy that had just given 12 tokens.
+    cells of their own: out of a fresh match, many wrong siblings keep a depth-1 edge's
+    rate low, which then also cut the continuation of a copy that had just given 12 tokens.
     A draft model's score is its probability q of the edge, already an estimate of
     acceptance, and its forwards are spent before the cut: a pessimistic start threw its
     trees away (the first ~10 steps of every MT-Bench answer verified nothing, while
@@ -313,11 +313,8 @@ def _exclusive(tree: TokenTree, reach: list[float]) -> list[float]:
     above 1 (copies longer than the rates expect) gave two equally scored branches a
     chance near 1 each: in bf16 on code, 24 nodes verified on steps where the first
     branch's 12 were accepted and the fixed 16-node size verified 12-16."""
-    children: dict[int, list[int]] = {}
-    for node, parent in enumerate(tree.parents):
-        children.setdefault(parent, []).append(node)
     fitted = list(reach)
-    for parent, kids in children.items():  # parents come before their children
+    for parent, kids in tree.children.items():  # parents come before their children
         above = 1.0 if parent < 0 else fitted[parent]
         shrink = 1.0 if parent < 0 or reach[parent] <= 0 else fitted[parent] / reach[parent]
         for kid in kids:
