@@ -10,7 +10,8 @@ recorded output, learn, and charge the step cost(tokens fed) from the curve. Eac
 workload shares one drafter memory, as in the harness. The result is a *simulation*:
 it is how the budget was tuned in minutes rather than hours, not a speed claim (those
 come from `triespec bench`). The curve is the one the run measured (results.json's
-`cost_curve`, recorded since 2026-11-27); for older runs, Qwen2.5-Coder-1.5B in fp32 on a
+`cost_curve`, recorded since 2026-11-27, each forward priced at its context where the run
+measured two); for older runs, Qwen2.5-Coder-1.5B in fp32 on a
 2-core AVX2 EPYC (seconds by tokens fed), unless `--curve` is given.
 """
 
@@ -71,13 +72,13 @@ def replay(generations, cost: CostModel, decoding_length: int, adaptive: bool) -
         while done < len(output):
             tree = session.propose(max_nodes=10**6, max_depth=len(output) - done - 1)
             if calibration is not None and len(tree):
-                size = best_size(tree, pending, cost, calibration)
+                size = best_size(tree, pending, cost, calibration, context=len(seq) - pending)
                 watch.append(Watched(len(seq), tree, size, expected_tokens(tree, size, calibration)))
                 tree = tree.prefix(max_nodes=size)
             new = output[done : done + accepted(tree, output[done:]) + 1]
             if done:  # after the prefill: plain decoding would spend a forward per token
-                spent += cost(pending + len(tree))
-                plain += len(new) * cost(1)
+                spent += cost(pending + len(tree), len(seq) - pending)
+                plain += len(new) * cost(1, len(seq))
             done, pending = done + len(new), 1
             seq += new
             if calibration is not None:
@@ -98,7 +99,9 @@ def main() -> None:
     tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
                  else AutoTokenizer.from_pretrained(path))
     if "cost_curve" in results and not args.curve:
-        cost = CostModel(results["cost_curve"]["sizes"], results["cost_curve"]["seconds"])
+        curve = results["cost_curve"]
+        cost = CostModel(curve["sizes"], curve["seconds"], context=curve["context"],
+                         per_context=curve.get("per_context", (0.0, 0.0)))
     else:
         points = [p.split(":") for p in (args.curve or FP32_CURVE).split(",")]
         cost = CostModel([int(t) for t, _ in points], [float(s) for _, s in points])

@@ -130,6 +130,17 @@ def test_summary_figures():
     assert (s["plain"]["fed_per_step"], s["trie"]["fed_per_step"], s["trie:warm"]["fed_per_step"]) == (1, 5, 2)
 
 
+def test_modelled_figure_prices_each_forward_at_its_context():
+    record = dict(new_tokens=5, tokens_per_step=[1, 4], fed=[10, 5], cached=[0, 10], draft_seconds=0.5)
+    curve = {"context": 10, "sizes": [1, 8], "seconds": [1.0, 1.0], "per_context": [0.0, 0.01]}
+    assert harness.modelled([record], curve) == (4, 1.5)  # at the measured context
+    assert harness.modelled([{**record, "cached": [0, 110]}], curve) == (4, pytest.approx(6.5))  # + 100 x 0.01 x 5
+    # runs before 2026-11-27: one context measured, none recorded; every forward at the curve's
+    one_context = {k: v for k, v in curve.items() if k != "per_context"}
+    assert harness.modelled([{**record, "cached": [0, 110]}], one_context) == (4, 1.5)
+    assert harness.modelled([{k: v for k, v in record.items() if k != "cached"}], curve) == (4, 1.5)
+
+
 def test_modelled_figure_over_the_generations_every_method_agreed_on():
     results = _fake_results()
     s = results["summary"]["qa"]
@@ -197,7 +208,12 @@ def test_harness_on_smollm2(tmp_path):
     assert max(turns.values()) == 1  # the chat workload's second turn ran
     for r in results["records"]:
         assert sum(r["tokens_per_step"]) == r["new_tokens"] == len(r["token_ids"]) <= 12
-        assert len(r["fed"]) == len(r["tokens_per_step"])
+        assert len(r["fed"]) == len(r["tokens_per_step"]) == len(r["cached"])
+        # the cache before each forward: empty at the prefill, then what the steps before left
+        assert r["cached"] == [0] + [r["prompt_tokens"] + sum(r["tokens_per_step"][:i]) - 1
+                                     for i in range(1, len(r["fed"]))]
     assert sorted(results["cost_curve"]["sizes"])[:3] == [1, 2, 4]
+    assert min(results["cost_curve"]["per_context"]) >= 0
+    assert results["cost_curve"]["long_context"] >= max(r["prompt_tokens"] for r in results["records"])
     paths = report.write(results, tmp_path)
     assert all(p.exists() for p in paths.values())

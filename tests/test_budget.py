@@ -1,6 +1,7 @@
 """Adaptive draft budget: the cost model, the calibration, the cut, and exactness."""
 
 import pytest
+import torch
 
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
@@ -35,10 +36,48 @@ def test_cost_model_refined_by_steps_of_every_size_keeps_its_shape():
     assert cost.seconds[:5] == pytest.approx(real, rel=0.03)
 
 
+def test_cost_model_prices_the_context():
+    # 1 token: 0.2 s after 64 cached tokens, +0.01 s per 1000 more; 32 tokens: +0.2 s per 1000
+    cost = CostModel([1, 32], [0.2, 0.4], context=64, per_context=(0.01e-3 - 0.19e-3 / 31, 0.19e-3 / 31))
+    assert cost(1) == cost(1, 64) == pytest.approx(0.2)
+    assert cost(1, 1064) == pytest.approx(0.21) and cost(32, 1064) == pytest.approx(0.6)
+    # steps after long prompts, timed as priced: the curve at the measured context stays put
+    # (priced without their context, they made every size look slower, and the cut treat
+    # short prompts' trees as dear)
+    for _ in range(50):
+        for tokens in (1, 32):
+            cost.observe(tokens, cost(tokens, 1564), 1564)
+    assert cost.seconds == pytest.approx([0.2, 0.4])
+    with pytest.raises(ValueError, match="per_context"):
+        CostModel([1], [1.0], per_context=(-1.0, 0.0))
+
+
+def test_the_longer_the_context_the_smaller_the_tree():
+    chain = scored_chain([0.9, 0.8, 0.7, 0.6])
+    cost = CostModel([1, 8], [1.0, 1.2], context=64, per_context=(0.0, 1e-3))  # +1 s per token fed per 1000 cached
+    assert [best_size(chain, 1, cost, Exact(), context=c) for c in (64, 1064, 2064, 6064)] == [4, 3, 2, 1]
+    assert best_size(chain, 1, cost, Exact()) == 4  # no context given: the measured one
+
+
 def test_cost_model_is_measured_on_the_model():
-    cost = CostModel.measure(tiny_model("llama"), tiny_model("llama").config, 9)
-    assert cost.sizes == [1, 2, 4, 8, 9]
-    assert all(t > 0 for t in cost.seconds)
+    model = tiny_model("llama")
+    cost = CostModel.measure(model, model.config, 9, long_context=256)
+    assert cost.sizes == [1, 2, 4, 8, 9] and cost.context == 64
+    assert all(t > 0 for t in cost.seconds) and len(cost.per_context) == 2 and min(cost.per_context) >= 0
+    assert CostModel.measure(model, model.config, 4, long_context=64).per_context == (0.0, 0.0)
+
+
+def test_lengthened_cache_is_as_long_as_asked():
+    from transformers import DynamicCache
+
+    from triespec.budget import _lengthen
+    from triespec.masks import with_cache
+
+    model, cache = tiny_model("llama"), DynamicCache()
+    model(input_ids=torch.arange(10)[None], **with_cache(model, cache))
+    _lengthen(cache, 25)
+    assert cache.get_seq_length() == 25
+    assert all(layer.keys.shape[2] == layer.values.shape[2] == 25 for layer in cache.layers)
 
 
 def scored_chain(scores):

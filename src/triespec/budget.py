@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from .kv import keep_paths
-from .masks import Row, forward, pack, with_cache
+from .masks import Row, context_length, forward, pack, with_cache
 from .tree import KINDS, MODEL, TRIE, TokenTree
 
 
@@ -37,24 +37,43 @@ _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {
 
 
 class CostModel:
-    def __init__(self, sizes: list[int], seconds: list[float], smoothing: float = 0.2):
+    """Seconds per forward by tokens fed and by tokens cached.
+
+    The curve by tokens fed is measured after `context` cached tokens; each cached token
+    beyond them adds `per_context` = (a, b) seconds, a per forward and b per token fed
+    (attention reads every cached entry once per forward and scores it against every
+    query token). On this machine in bf16, 16 and 32 tokens cost 15-25% more after 1024
+    cached tokens than after 64, one token the same: a curve from the start-up's short
+    context let the cut feed summaries (1000-1500-token prompts) trees that cost more
+    than it charged."""
+
+    def __init__(self, sizes: list[int], seconds: list[float], smoothing: float = 0.2, context: int = 0,
+                 per_context: tuple[float, float] = (0.0, 0.0)):
         if len(sizes) != len(seconds) or not sizes or sorted(sizes) != sizes:
             raise ValueError("CostModel needs ascending sizes with one time each")
+        if len(per_context) != 2 or min(per_context) < 0:
+            raise ValueError(f"per_context must be two seconds per cached token >= 0, got {per_context}")
         self.sizes, self.seconds, self.smoothing = list(sizes), list(seconds), smoothing
+        self.context, self.per_context = context, tuple(per_context)
 
-    def __call__(self, tokens: int) -> float:
-        """Seconds for a forward over `tokens` tokens: linear between measured sizes."""
+    def __call__(self, tokens: int, context: int | None = None) -> float:
+        """Seconds for a forward over `tokens` tokens after `context` cached tokens (None:
+        the measured context): linear between measured sizes, and in the context."""
         s, t = self.sizes, self.seconds
         if tokens <= s[0]:
-            return t[0]
-        i = bisect.bisect_left(s, tokens)
-        if i == len(s):  # beyond the largest measured size: extend the last slope
-            i -= 1
-        lo, hi = i - 1, i
-        slope = (t[hi] - t[lo]) / (s[hi] - s[lo])
-        return max(t[lo] + slope * (tokens - s[lo]), 1e-9)
+            base = t[0]
+        else:
+            i = bisect.bisect_left(s, tokens)
+            if i == len(s):  # beyond the largest measured size: extend the last slope
+                i -= 1
+            lo, hi = i - 1, i
+            base = t[lo] + (t[hi] - t[lo]) / (s[hi] - s[lo]) * (tokens - s[lo])
+        if context is not None:
+            a, b = self.per_context
+            base += (context - self.context) * (a + b * tokens)
+        return max(base, 1e-9)
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, context: int | None = None) -> None:
         """Move the curve towards a real step's time: the two measured sizes around
         `tokens`, each by its share of the interpolation (a least-squares step). Refining
         only a size fed exactly let the sizes that real steps hit often (1 and 2 tokens:
@@ -62,8 +81,10 @@ class CostModel:
         context and the machine's jitter, while the larger sizes kept their best-of-two
         start-up times: in bf16 the curve flattened (32 tokens at 1.8x one token against
         2.2x in a best-of-five measurement), and on summaries the cut fed 11.8 tokens
-        per forward where fixed 8-node trees, feeding 7.7, did better.
-        Beyond the largest measured size there is nothing to refine."""
+        per forward where fixed 8-node trees, feeding 7.7, did better. The step's
+        `context` is priced by `per_context` first, so a long prompt's steps do not make
+        the short ones look slow. Beyond the largest measured size there is nothing to
+        refine."""
         s = self.sizes
         if tokens <= s[0]:
             shares = [(0, 1.0)]
@@ -73,7 +94,7 @@ class CostModel:
             hi = bisect.bisect_left(s, tokens)
             w = (tokens - s[hi - 1]) / (s[hi] - s[hi - 1])
             shares = [(hi - 1, 1.0 - w), (hi, w)]
-        error = seconds - self(tokens)
+        error = seconds - self(tokens, context)
         for i, share in shares:
             self.seconds[i] += self.smoothing * share * error
 
@@ -88,8 +109,11 @@ class CostModel:
 
     @classmethod
     @torch.inference_mode()
-    def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 2) -> CostModel:
-        """Time forwards of 1, 2, 4, ... tokens after `context` cached tokens."""
+    def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 2,
+                long_context: int = 1024) -> CostModel:
+        """Time forwards of 1, 2, 4, ... tokens after `context` cached tokens, and of 1 and
+        `max_tokens` tokens after `long_context` (the per-cached-token cost; none measured
+        if `long_context` <= `context`)."""
         sizes = [1]
         while sizes[-1] < max_tokens:
             sizes.append(min(sizes[-1] * 2, max_tokens))
@@ -97,18 +121,41 @@ class CostModel:
         vocab = model.get_output_embeddings().weight.shape[0]
         ids = torch.arange(context, device=model.device)[None] % vocab
         model(input_ids=ids, **with_cache(model, cache))
-        seconds = []
-        for size in [sizes[0]] + sizes:  # the first run warms up
+
+        def timed(size: int, cached: int) -> float:
             best = float("inf")
             for _ in range(repeats):
-                packed = pack([Row([1], TokenTree.chain([1] * (size - 1)), context)], context, model.dtype,
+                packed = pack([Row([1], TokenTree.chain([1] * (size - 1)), cached)], cached, model.dtype,
                               config, model.device)
                 start = time.perf_counter()
                 forward(model, packed, cache, logits_to_keep=size)
                 best = min(best, time.perf_counter() - start)
-                keep_paths(cache, [(context, [])])  # back to the context alone
-            seconds.append(best)
-        return cls(sizes, seconds[1:])
+                keep_paths(cache, [(cached, [])])  # back to the context alone
+            return best
+
+        seconds = [timed(size, context) for size in [sizes[0]] + sizes][1:]  # the first run warms up
+        per_context = (0.0, 0.0)
+        long_context = min(long_context, context_length(config) - max_tokens)  # positions the model has
+        if long_context > context:
+            _lengthen(cache, long_context)
+            timed(1, long_context)
+            extra = [(timed(n, long_context) - seconds[sizes.index(n)]) / (long_context - context)
+                     for n in (1, sizes[-1])]
+            b = max(extra[1] - extra[0], 0.0) / max(sizes[-1] - 1, 1)  # extra = a + b * tokens
+            per_context = (max(extra[0] - b, 0.0), b)
+        return cls(sizes, seconds, context=context, per_context=per_context)
+
+
+def _lengthen(cache: DynamicCache, length: int) -> None:
+    """Grow every layer's cached entries to `length` positions by repeating them: what a
+    forward costs depends on how many entries it attends to, not on what they hold, and
+    a real prefill of 1024 tokens takes 25 s in fp32 here."""
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys.numel():
+            # keys, values: [B, H, S, D] -> [B, H, length, D]
+            times = -(-length // layer.keys.shape[2])
+            layer.keys = layer.keys.repeat(1, 1, times, 1)[:, :, :length].contiguous()
+            layer.values = layer.values.repeat(1, 1, times, 1)[:, :, :length].contiguous()
 
 
 class Calibration:
@@ -246,22 +293,24 @@ def _kind(tree: TokenTree, node: int) -> int:
     return TRIE if tree.kinds is None else tree.kinds[node]
 
 
-def best_size(tree: TokenTree, pending: int, cost: CostModel, calibration: Calibration) -> int:
+def best_size(tree: TokenTree, pending: int, cost: CostModel, calibration: Calibration,
+              context: int | None = None) -> int:
     """How many of the tree's first nodes maximise expected tokens per second, `pending`
     tokens being fed anyway. A node is accepted only if its parent is, so its chance is
     the product of the calibrated rates of the edges on its path: a chain the drafter is
     sure of at every edge (a trie path seen once) is worth 1 + r + r^2 + ..., not r per
     node. Drafters list nodes likeliest first, so the first m nodes are the best m (and
     a tree: parents come before children)."""
-    return best_sizes([tree], pending, cost, calibration)[0]
+    return best_sizes([tree], pending, cost, calibration, context=context)[0]
 
 
 def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: Calibration,
-               others: int = 0) -> list[int]:
+               others: int = 0, context: int | None = None) -> list[int]:
     """For a batch sharing one forward: how many of each tree's first nodes to verify so
     that the forward yields the most expected tokens per second, `fed` tokens (every
     row's pending tokens, and any tree that is not cut) being fed anyway, and `others`
-    rows without a tree to cut yielding their one token too.
+    rows without a tree to cut yielding their one token too, after `context` cached
+    tokens (the batch's cache width).
 
     Nodes are added one at a time, the likeliest next node of any row first, and the
     best prefix of that order is kept: under load (many rows already feeding many
@@ -269,7 +318,7 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
     this is the tree's own order."""
     reach = [_reach(tree, calibration) for tree in trees]
     gain, tokens = float(len(trees) + others), fed  # every row yields at least its bonus token
-    best_rate, best_steps = gain / cost(tokens), 0
+    best_rate, best_steps = gain / cost(tokens, context), 0
     order: list[int] = []  # the row of each added node
     taken = [0] * len(trees)
     heap = [(-r[0], b) for b, r in enumerate(reach) if r]
@@ -281,7 +330,7 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
         if taken[b] < len(reach[b]):
             heapq.heappush(heap, (-reach[b][taken[b]], b))
         gain, tokens = gain - neg, tokens + 1
-        rate = gain / cost(tokens)
+        rate = gain / cost(tokens, context)
         if rate > best_rate:
             best_rate, best_steps = rate, len(order)
     sizes = [0] * len(trees)

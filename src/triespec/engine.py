@@ -13,7 +13,7 @@ from transformers import DynamicCache, StopStringCriteria
 from .budget import Calibration, CostModel, Gate, Watched, best_sizes, expected_tokens, is_costly, worth
 from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
-from .masks import Row, attention_layout, forward, pack
+from .masks import Row, attention_layout, context_length, forward, pack
 from .tree import TokenTree
 from .sampling import Sampling, TreeScores, sampling_settings
 from .verify import Verdict, verify_greedy, verify_sampling
@@ -86,7 +86,7 @@ class Engine:
         self.drafter = drafter if drafter is not None else TrieDrafter(**drafter_config)
         self.config = model.config.get_text_config()
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.context_length = _context_length(self.config)
+        self.context_length = context_length(self.config)
         self.eos_ids = _eos_ids(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         check_tree_attention(model)
@@ -410,7 +410,7 @@ class _Batch:
         logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], self.width, self.cache)
         model_time = time.perf_counter() - t0
         if engine.cost is not None:
-            engine.cost.observe(sum(len(r.pending) + len(r.tree) for r in active), model_time)
+            engine.cost.observe(sum(len(r.pending) + len(r.tree) for r in active), model_time, self.width)
         # 3. verify: accepted draft tokens + the bonus token, per row
         verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
         # 4. commit the accepted paths' KV, drop the rest
@@ -441,7 +441,7 @@ class _Batch:
             return
         fed = sum(len(r.pending) + (0 if r in rows else len(r.tree)) for r in self.active)
         sizes = best_sizes([row.tree for row in rows], fed, engine.cost, engine.calibration,
-                           others=len(self.active) - len(rows))
+                           others=len(self.active) - len(rows), context=self.width)
         for row, size in zip(rows, sizes):
             row.cut(size)
         spent = (time.perf_counter() - t0) / len(rows)
@@ -565,14 +565,6 @@ def _is_batch(prompt) -> bool:
     """A list of prompts, as opposed to one prompt given as token ids or chat messages."""
     return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
             and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt))
-
-
-def _context_length(config) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30  # no stated limit
 
 
 def _eos_ids(model) -> set[int]:

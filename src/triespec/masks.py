@@ -116,3 +116,12 @@ def _cache_name(cls) -> str:
             if name in params:
                 return name
     return "past_key_values"
+
+
+def context_length(config) -> int:
+    """The most positions the model takes, as its config states it."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30  # no stated limit

@@ -56,6 +56,7 @@ class Record:
     peak_mb: float  # resident memory above the level before the call
     token_ids: list[int] = field(repr=False)
     fed: list[int] = field(default_factory=list)  # tokens each target forward was fed, the prefill first
+    cached: list[int] = field(default_factory=list)  # tokens cached before each target forward
 
 
 def check(config: Config) -> list[M.Spec]:
@@ -92,7 +93,7 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
     n_warm = config.n_warm or config.n
     plan = {w: W.load(w, config.n, "eval", log=log) for w in config.workloads}
     prompts = [len(_chat_ids(tokenizer, [{"role": "user", "content": t.turns[0]}])) for ts in plan.values() for t in ts]
-    curve = cost_curve(model, context=int(statistics.median(prompts)) + config.max_new_tokens // 2)
+    curve = cost_curve(model, long_context=max(prompts) + config.max_new_tokens)
     total = sum(len(t.turns) for tasks in plan.values() for t in tasks) * len(specs)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
     records: list[Record] = []
@@ -119,7 +120,7 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
                     history[spec.name].append((ids, out.token_ids))
                     records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
                                           out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids,
-                                          out.fed))
+                                          out.fed, out.cached))
                     bar.update()
         oracle[workload] = {
             "cold": copy_oracle(history[M.PLAIN], []),
@@ -173,26 +174,31 @@ def copy_oracle(generations: list[tuple[list[int], list[int]]], corpus: list[lis
     return {"tokens_per_step": tokens / max(steps, 1), "depth": depth}
 
 
-def cost_curve(model, context: int, max_tokens: int = 64, repeats: int = 5) -> dict:
-    """Seconds per forward by tokens fed, after `context` cached tokens, measured once
-    (the fastest of `repeats`): what `summarise` prices every method's forwards with."""
+def cost_curve(model, long_context: int, max_tokens: int = 64, repeats: int = 5) -> dict:
+    """Seconds per forward by tokens fed after 64 cached tokens, and per cached token up
+    to `long_context`, measured once (the fastest of `repeats`): what `summarise` prices
+    every method's forwards with, each at its own context."""
     from ..budget import CostModel
 
-    measured = CostModel.measure(model, model.config, max_tokens, context=context, repeats=repeats)
-    return {"context": context, "sizes": measured.sizes, "seconds": measured.seconds}
+    measured = CostModel.measure(model, model.config, max_tokens, repeats=repeats, long_context=long_context)
+    return {"context": measured.context, "sizes": measured.sizes, "seconds": measured.seconds,
+            "long_context": long_context, "per_context": list(measured.per_context)}
 
 
 def modelled(records: list[dict], curve: dict) -> tuple[float, float] | None:
     """(tokens, seconds) of `records` after their prefill, every forward priced by the
-    run's cost curve and the drafting time as measured: free of the machine's load
-    between methods. None if a record did not count its forwards."""
+    run's cost curve at its own context and the drafting time as measured: free of the
+    machine's load between methods. None if a record did not count its forwards. (Runs
+    before 2026-11-27 measured one context, and priced every forward at it.)"""
     from ..budget import CostModel
 
     if not all(r.get("fed") for r in records):
         return None
-    cost = CostModel(curve["sizes"], curve["seconds"])
+    cost = CostModel(curve["sizes"], curve["seconds"], context=curve["context"],
+                     per_context=curve.get("per_context", (0.0, 0.0)))
     tokens = sum(r["new_tokens"] - r["tokens_per_step"][0] for r in records)
-    seconds = sum(sum(cost(f) for f in r["fed"][1:]) + r["draft_seconds"] for r in records)
+    seconds = sum(sum(cost(f, c) for f, c in zip(r["fed"][1:], r.get("cached", [None] * len(r["fed"]))[1:]))
+                  + r["draft_seconds"] for r in records)
     return tokens, seconds
 
 

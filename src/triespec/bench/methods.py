@@ -43,6 +43,7 @@ class Output:
     tokens_per_step: list[int]  # tokens each target forward yielded (accepted + bonus)
     draft_seconds: float = 0.0  # time spent drafting, where the method reports it
     fed: list[int] = field(default_factory=list)  # tokens each target forward was fed (the prefill first)
+    cached: list[int] = field(default_factory=list)  # tokens cached before each target forward
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class Generate:
         # known length after each forward: cache + the one pending token; the last: the output
         bounds = [len(ids)] + [cached + 1 for cached, _ in calls[1:]] + [len(ids) + len(new)]
         steps = [b - a for a, b in zip(bounds, bounds[1:])]
-        return Output(new, seconds, [s for s in steps if s > 0], fed=[fed for _, fed in calls])
+        return Output(new, seconds, [s for s in steps if s > 0], fed=[fed for _, fed in calls],
+                      cached=[cached for cached, _ in calls])
 
 
 class Triespec:
@@ -145,7 +147,7 @@ class Triespec:
             result = self.engine.generate(ids, max_new_tokens=max_new_tokens)
             seconds = time.perf_counter() - t0
         return Output(result.token_ids, seconds, list(result.stats.tokens_per_step), result.stats.draft_time,
-                      fed=[fed for _, fed in calls])
+                      fed=[fed for _, fed in calls], cached=[cached for cached, _ in calls])
 
 
 @contextmanager

@@ -61,6 +61,11 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
     if curve:
         lines += [f"Cost curve ({curve['context']} tokens cached), ms per forward by tokens fed: "
                   + ", ".join(f"{n}: {1000 * t:.1f}" for n, t in zip(curve["sizes"], curve["seconds"])), ""]
+        if "per_context" in curve:
+            a, b = curve["per_context"]
+            lines += [f"Each 1000 more tokens cached (measured up to {curve['long_context']}) add "
+                      + ", ".join(f"{n}: {1e6 * (a + b * n):.1f}" for n in (1, curve["sizes"][-1]))
+                      + " ms; every forward is priced at its own context.", ""]
     for workload, methods in results["summary"].items():
         oracle = results["oracle"][workload]
         lines += [f"### {workload}", "",
