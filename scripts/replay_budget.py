@@ -7,9 +7,9 @@ Greedy output does not depend on the drafts, so with the plain outputs of a run
 (`triespec bench`'s results.json) every step can be replayed: propose with a real
 TrieDrafter, cut with the real budget code, accept the longest path that matches the
 recorded output, learn, and charge the step cost(tokens fed) from the curve. Each
-workload shares one drafter memory, as in the harness. The result is a *simulation*:
-it is how the budget was tuned in minutes rather than hours, not a speed claim (those
-come from `triespec bench`). The curve is the one the run measured (results.json's
+workload shares one drafter memory, and the whole run one calibration, as in the
+harness. The result is a *simulation*: it is how the budget was tuned in minutes rather
+than hours, not a speed claim (those come from `triespec bench`). The curve is the one the run measured (results.json's
 `cost_curve`, recorded since 2026-11-27, each forward priced at its context where the run
 measured two); for older runs, Qwen2.5-Coder-1.5B in fp32 on a
 2-core AVX2 EPYC (seconds by tokens fed), unless `--curve` is given.
@@ -59,12 +59,13 @@ def accepted(tree, output: list[int]) -> int:
     return n
 
 
-def replay(generations, cost: CostModel, decoding_length: int, adaptive: bool) -> tuple[float, float]:
+def replay(generations, cost: CostModel, decoding_length: int,
+           calibration: Calibration | None = None) -> tuple[float, float]:
     """(simulated seconds, plain decoding's seconds) for one workload's generations, both
     for the tokens after each generation's first forward: the prefill costs every method
-    the same, and leaving it out is how the harness's modelled speed-up counts too."""
+    the same, and leaving it out is how the harness's modelled speed-up counts too. With
+    a `calibration`, the adaptive cut (which learns into it), else the fixed size."""
     drafter = TrieDrafter(decoding_length=decoding_length)
-    calibration = Calibration() if adaptive else None
     spent = plain = 0.0
     for prompt, output in generations:
         session = drafter.begin(prompt)
@@ -109,9 +110,10 @@ def main() -> None:
     print("simulated speed-up over plain decoding\n")
     print("| workload | " + " | ".join(f"fixed dl={s}" for s in sizes) + " | adaptive | adaptive / best fixed |")
     print("|---|" + "---:|" * (len(sizes) + 2))
+    calibration = Calibration()  # one for the whole run, as the harness carries it across workloads
     for workload, generations in recorded(results, tokenizer).items():
-        cells = [replay(generations, cost, s, adaptive=False) for s in sizes]
-        cells.append(replay(generations, cost, max(sizes), adaptive=True))
+        cells = [replay(generations, cost, s) for s in sizes]
+        cells.append(replay(generations, cost, max(sizes), calibration))
         speedups = [plain / spent for spent, plain in cells]
         print(f"| {workload} | " + " | ".join(f"{x:.2f}×" for x in speedups) + f" | {speedups[-1] / max(speedups[:-1]):.3f} |")
 

@@ -56,6 +56,19 @@ def test_step_accounting_matches_output(name):
         assert all(f >= s for f, s in zip(out.fed[1:], out.tokens_per_step[1:])) and max(out.fed[1:]) > 1
 
 
+def test_a_method_carries_what_its_budget_learned_to_the_next_workload():
+    model = tiny_model("llama")
+    first = methods.build(methods.parse("trie"), model, None)
+    first.run(repetitive_prompt(3, length=40), 20)
+    second = methods.build(methods.parse("trie"), model, None)
+    second.carry(first)
+    assert second.engine.calibration is first.engine.calibration  # as one server's engine would
+    assert len(second.engine.drafter.memory) == 0 < len(first.engine.drafter.memory)  # no answers copied
+    fixed = [methods.build(methods.parse("trie:fixed"), model, None) for _ in range(2)]
+    fixed[1].carry(fixed[0])
+    assert fixed[1].engine.calibration is None  # a fixed size has nothing to carry
+
+
 def test_assisted_steps_count_target_forwards_only():
     model, draft = tiny_model("llama"), tiny_model("llama", seed=1)
     prompt = repetitive_prompt(4, length=40)

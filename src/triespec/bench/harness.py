@@ -1,9 +1,10 @@
 """Run methods over workloads with one model, interleaved prompt by prompt.
 
 For each workload: load its eval tasks (and, when a method warms, the warm split and
-the model's own answers to it), build every method fresh, then for each task and turn
-run every method in turn, rotating their order from task to task, so machine drift
-and order effects fall on all methods alike. Multi-turn tasks carry each method's own
+the model's own answers to it), build every method with a fresh drafter memory (what
+the adaptive budget learned carries over, as in one server: `Triespec.carry`), then for
+each task and turn run every method in turn, rotating their order from task to task, so
+machine drift and order effects fall on all methods alike. Multi-turn tasks carry each method's own
 earlier answers. Every call is recorded raw; `summarise` turns records into figures.
 """
 
@@ -98,14 +99,17 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
     bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
     records: list[Record] = []
     oracle: dict[str, dict] = {}
+    runners: dict[str, object] = {}
     for workload, tasks in plan.items():
         corpus = []  # the model's own answers to the warm split: what a warmed memory holds
         if any(s.warm for s in specs):
             warm_tasks = W.load(workload, n_warm, "warm", log=log)
             log(f"{workload}: answering {len(warm_tasks)} warm-split tasks to warm the trie")
             corpus = _answers(model, tokenizer, warm_tasks, config.max_new_tokens)
-        runners = {s.name: M.build(s, model, tokenizer, draft) for s in specs}
-        for runner in runners.values():
+        before, runners = runners, {s.name: M.build(s, model, tokenizer, draft) for s in specs}
+        for name, runner in runners.items():
+            if name in before:
+                runner.carry(before[name])
             runner.prepare(corpus)
         history = {s.name: [] for s in specs}  # (task_id, turn) -> messages, per method
         for i, task in enumerate(tasks):

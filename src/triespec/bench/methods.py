@@ -106,6 +106,9 @@ class Generate:
     def prepare(self, corpus: list[list[int]]) -> None:
         pass  # nothing to warm
 
+    def carry(self, before: Generate) -> None:
+        pass  # nothing learned
+
     @torch.inference_mode()
     def run(self, ids: list[int], max_new_tokens: int) -> Output:
         x = torch.tensor([ids], device=self.model.device)
@@ -130,6 +133,16 @@ class Triespec:
 
         self.spec = spec
         self.engine = Engine(model, tokenizer, drafter=_drafter(spec, draft_model), adaptive=spec.adaptive)
+
+    def carry(self, before: Triespec) -> None:
+        """Go on from what `before` (this method, on the workload before) learned of what
+        pays: the adaptive budget's calibration belongs to the engine and learns from
+        everything it serves, as in a server (and it is saved with the trie memory across
+        restarts). Only the drafter's memory starts afresh on each workload, so that no
+        workload copies another's answers. A calibration started cold on every workload
+        verified nothing on the short answers of qa in fp32, before the evidence came."""
+        if self.engine.calibration is not None and before.engine.calibration is not None:
+            self.engine.calibration = before.engine.calibration
 
     def prepare(self, corpus: list[list[int]]) -> None:
         """Warm the memory with past answers (token ids), when the spec says so."""
