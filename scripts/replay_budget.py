@@ -9,9 +9,10 @@ TrieDrafter, cut with the real budget code, accept the longest path that matches
 recorded output, learn, and charge the step cost(tokens fed) from the curve. Each
 workload shares one drafter memory, and the whole run one calibration, as in the
 harness. The result is a *simulation*: it is how the budget was tuned in minutes rather
-than hours, not a speed claim (those come from `triespec bench`). The curve is the one the run measured (results.json's
-`cost_curve`, recorded since 2026-11-27, each forward priced at its context where the run
-measured two); for older runs, Qwen2.5-Coder-1.5B in fp32 on a
+than hours, not a speed claim (those come from `triespec bench`). The curve is the one
+the run measured (results.json's `cost_curve`, recorded since 2026-11-27, each forward
+priced at its context where the run measured two); for older runs, Qwen2.5-Coder-1.5B in
+fp32 on a
 2-core AVX2 EPYC (seconds by tokens fed), unless `--curve` is given.
 """
 

@@ -4,8 +4,8 @@ For each workload: load its eval tasks (and, when a method warms, the warm split
 the model's own answers to it), build every method with a fresh drafter memory (what
 the adaptive budget learned carries over, as in one server: `Triespec.carry`), then for
 each task and turn run every method in turn, rotating their order from task to task, so
-machine drift and order effects fall on all methods alike. Multi-turn tasks carry each method's own
-earlier answers. Every call is recorded raw; `summarise` turns records into figures.
+machine drift and order effects fall on all methods alike. Multi-turn tasks carry each
+method's own earlier answers. Every call is recorded raw; `summarise` turns records into figures.
 """
 
 from __future__ import annotations
