@@ -42,7 +42,7 @@ def test_cost_model_prices_the_context():
     assert cost(1) == cost(1, 64) == pytest.approx(0.2)
     assert cost(1, 1064) == pytest.approx(0.21) and cost(32, 1064) == pytest.approx(0.6)
     # steps after long prompts, timed as priced: the curve at the measured context stays put
-    # (priced without their context, they made every size look slower, and the cut treat
+    # (priced without their context, they made every size look slower, and the cut treated
     # short prompts' trees as dear)
     for _ in range(50):
         for tokens in (1, 32):
@@ -184,7 +184,7 @@ def test_calibration_learns_the_observed_rate():
 def test_a_draft_models_nodes_start_at_their_q_and_the_tries_cautious():
     """A small model's q is an estimate of acceptance from the first step, and its
     forwards are spent before the cut; a trie's 1.0 (a path seen once) is not."""
-    cal = Calibration()
+    cal = Calibration(memory=None)  # every edge counts alike, whatever its order
     assert cal.rate(0.85, 1, kind=MODEL) == pytest.approx(0.85) and cal.rate(0.85, 1) == pytest.approx(0.2)
     bf16 = CostModel([1, 2, 4, 8, 16], [0.19, 0.20, 0.21, 0.23, 0.29])  # about Qwen 1.5B bf16, AVX512_BF16
     scores = [0.9 ** d for d in range(1, 9)]  # a chain, q = 0.9 at every edge
@@ -194,7 +194,7 @@ def test_a_draft_models_nodes_start_at_their_q_and_the_tries_cautious():
     for _ in range(200):  # evidence overrides the prior: this model's 0.9 is right half the time
         cal.observe(0.9, False, 1, kind=MODEL)
         cal.observe(0.9, True, 1, kind=MODEL)
-    assert cal.rate(0.9, 1, kind=MODEL) == pytest.approx(0.5, abs=0.05)  # the last ~10 edges: right or wrong in turn
+    assert cal.rate(0.9, 1, kind=MODEL) == pytest.approx(0.5, abs=0.01)
     assert cal.rate(0.9, 2, kind=MODEL) == pytest.approx(0.95)  # another depth class: still the prior
 
 

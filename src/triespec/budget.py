@@ -224,20 +224,13 @@ class Calibration:
         c = self._cell(p, depth, kind)
         self.drafted[c] += 1
         self.accepted[c] += accepted
-        if self.memory is not None and self.drafted[c] > self.memory:
-            keep = self.memory / self.drafted[c]
-            self.drafted[c] *= keep
-            self.accepted[c] *= keep
+        self.drafted[c], self.accepted[c] = _remember(self.drafted[c], self.accepted[c], self.memory)
 
     def tally(self, expected: float, realized: float) -> None:
         """A verified tree: `expected` tokens by the rates, `realized` accepted (the scale).
         The scale remembers about `scale_memory` expected tokens, for the same reason."""
-        self.expected += expected
-        self.realized += realized
-        if self.scale_memory is not None and self.expected > self.scale_memory:
-            keep = self.scale_memory / self.expected
-            self.expected *= keep
-            self.realized *= keep
+        self.expected, self.realized = _remember(self.expected + expected, self.realized + realized,
+                                                 self.scale_memory)
 
     def node_rate(self, tree: TokenTree, node: int) -> float:
         return self.rate(edge_score(tree, node), tree.depths[node], _kind(tree, node))
@@ -278,6 +271,15 @@ class Calibration:
         """Score a proposed tree (verified or not) against the tokens generated after it;
         `size` nodes of it were to be verified, worth `expected` tokens by the rates."""
         Watched(0, tree, size, expected).update(self, realized, finished=True)
+
+
+def _remember(total: float, part: float, memory: float | None) -> tuple[float, float]:
+    """A count and the part of it that succeeded, shrunk alike to at most `memory`: older
+    evidence weighs less, and the ratio stays."""
+    if memory is None or total <= memory:
+        return total, part
+    keep = memory / total
+    return memory, part * keep
 
 
 class Watched:
