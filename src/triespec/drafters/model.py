@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from ..kv import keep_path
-from ..masks import Packed, Row, attention_layout, forward, pack
+from ..masks import Packed, Row, attention_layout, context_length, forward, pack
 from ..tree import MODEL, TokenTree
 
 
@@ -84,7 +84,7 @@ class ModelDrafter:
         full = sum(_level_sizes(widths))
         self.decoding_length = min(max_nodes or full, full)
         self.branch_length = len(widths)
-        self.context_length = getattr(self.config, "max_position_embeddings", None) or (1 << 30)
+        self.context_length = context_length(self.config)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(draft_model.forward).parameters
 
     def bind(self, model, tokenizer=None) -> None:
