@@ -188,7 +188,7 @@ def test_report_files(tmp_path):
     assert loaded["summary"]["qa"]["trie"]["speedup"] == 4.0
     md = paths["markdown"].read_text()
     assert "triespec bench --quick" in md and "| trie:warm |" in md and "4.00×" in md
-    assert "1.54×" in md and "2: 1000.0" in md  # the modelled speed-up; the cost curve in ms
+    assert "1.54×" in md and "2: 1000," in md  # the modelled speed-up; the cost curve in ms
     for key in ("speedup", "steps"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the plots take the summary as it comes back from JSON (string keys)
@@ -221,11 +221,16 @@ def test_harness_on_smollm2(tmp_path):
     assert max(turns.values()) == 1  # the chat workload's second turn ran
     for r in results["records"]:
         assert sum(r["tokens_per_step"]) == r["new_tokens"] == len(r["token_ids"]) <= 12
-        assert len(r["fed"]) == len(r["tokens_per_step"]) == len(r["cached"])
+        assert len(r["fed"]) == len(r["tokens_per_step"]) == len(r["cached"]) == len(r["forward_seconds"])
+        assert 0 < sum(r["forward_seconds"]) <= r["seconds"] and min(r["forward_seconds"]) > 0
+        # the adaptive engine's curve after the call: (tokens, seconds), every size; none for the others
+        assert (r["curve"] is not None) == r["method"].startswith("trie"), r["method"]
+        if r["curve"]:
+            assert [n for n, _ in r["curve"]] == list(range(1, len(r["curve"]) + 1))
         # the cache before each forward: empty at the prefill, then what the steps before left
         assert r["cached"] == [0] + [r["prompt_tokens"] + sum(r["tokens_per_step"][:i]) - 1
                                      for i in range(1, len(r["fed"]))]
-    assert sorted(results["cost_curve"]["sizes"])[:3] == [1, 2, 4]
+    assert results["cost_curve"]["sizes"][:5] == [1, 2, 3, 4, 5]  # every size
     assert min(results["cost_curve"]["per_context"]) >= 0
     assert results["cost_curve"]["long_context"] >= max(r["prompt_tokens"] for r in results["records"])
     paths = report.write(results, tmp_path)

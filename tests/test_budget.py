@@ -62,9 +62,23 @@ def test_the_longer_the_context_the_smaller_the_tree():
 def test_cost_model_is_measured_on_the_model():
     model = tiny_model("llama")
     cost = CostModel.measure(model, model.config, 9, long_context=256)
-    assert cost.sizes == [1, 2, 4, 8, 9] and cost.context == 64
+    assert cost.sizes == list(range(1, 10)) and cost.context == 64
     assert all(t > 0 for t in cost.seconds) and len(cost.per_context) == 2 and min(cost.per_context) >= 0
     assert CostModel.measure(model, model.config, 4, long_context=64).per_context == (0.0, 0.0)
+    coarse = CostModel.measure(model, model.config, 20, every=4, long_context=64)  # timed: 1-4, 8, 16, 20
+    assert coarse.sizes == list(range(1, 21))  # every size, for real steps to refine each on its own
+    assert coarse(6) == pytest.approx((coarse(4) + coarse(8)) / 2) and coarse(12) == pytest.approx((coarse(8) + coarse(16)) / 2)
+
+
+def test_the_cut_goes_to_a_cheap_size():
+    # fp32 on this machine's CPU: 3 and 7 tokens cost more than 4 and 8 (kernels work in blocks of rows)
+    seconds = [0.40, 0.82, 1.25, 0.80, 0.90, 0.95, 1.25, 0.82]
+    cost = CostModel(list(range(1, 9)), seconds)
+    assert best_size(scored_chain([0.99 ** k for k in range(1, 8)]), 1, cost, Exact()) == 7  # 8 tokens fed
+    pair = scored_chain([0.9, 0.81])  # two nodes worth 1.71 tokens: 3 tokens fed, the dear size
+    assert best_size(pair, 1, cost, Exact()) == 0
+    interpolated = CostModel([1, 2, 4, 8], [seconds[0], seconds[1], seconds[3], seconds[7]])
+    assert best_size(pair, 1, interpolated, Exact()) == 2  # what a curve by powers of two would verify
 
 
 def test_lengthened_cache_is_as_long_as_asked():

@@ -44,7 +44,15 @@ class CostModel:
     (attention reads every cached entry once per forward and scores it against every
     query token). On this machine in bf16 each 1000 cached tokens add 2 ms to a one-token
     forward of Qwen2.5-Coder-1.5B (184 ms) and 127 ms to a 64-token one (614 ms): a curve
-    measured after a short context alone undercharges the large trees of long prompts."""
+    measured after a short context alone undercharges the large trees of long prompts.
+
+    The curve holds every size, each refined by the real steps of that size alone: in
+    fp32 on this machine's CPU, forwards of 3, 7 and 11 tokens cost 1.25-1.45 s and ones
+    of 4, 8 and 12 tokens 0.8-1.05 s (the matrix kernels work in blocks of rows), so a
+    curve interpolated between powers of two undercharged most trees by 30%, and real
+    steps of 11 tokens, refining the sizes 8 and 16 around them, made those look dear.
+    With the real sizes the cut goes to the cheap ones by itself: in replays of a run's
+    outputs, 3.08x plain decoding on code where the interpolated curve's cut got 2.82x."""
 
     def __init__(self, sizes: list[int], seconds: list[float], smoothing: float = 0.2, context: int = 0,
                  per_context: tuple[float, float] = (0.0, 0.0)):
@@ -73,14 +81,12 @@ class CostModel:
         return max(base, 1e-9)
 
     def observe(self, tokens: int, seconds: float, context: int | None = None) -> None:
-        """Move the curve towards a real step's time: the two measured sizes around
-        `tokens`, each by its share of the interpolation (a least-squares step). Refining
-        only a size fed exactly let the sizes that real steps hit often (1 and 2 tokens:
-        steps with little or no draft) take their real, longer times, from a longer
-        context and the machine's jitter, while the larger sizes kept their best-of-two
-        start-up times: in bf16 the curve flattened (32 tokens at 1.8x one token against
-        2.2x in a best-of-five measurement), and on summaries the cut fed 11.8 tokens
-        per forward where fixed 8-node trees, feeding 7.7, did better. The step's
+        """Move the curve towards a real step's time: the measured size itself (curves of
+        `measure` hold every size), else the two around `tokens`, each by its share of the
+        interpolation (a least-squares step). Refining only a size fed exactly, with sizes
+        measured at powers of two, let the sizes that real steps hit often (1 and 2 tokens)
+        take their real, longer times while the larger sizes kept their start-up times (in
+        bf16, 32 tokens at 1.8x one token against 2.2x measured best of five). The step's
         `context` is priced by `per_context` first, so a long prompt's steps do not make
         the short ones look slow. Beyond the largest measured size there is nothing to
         refine."""
@@ -108,12 +114,18 @@ class CostModel:
 
     @classmethod
     @torch.inference_mode()
-    def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 2,
-                long_context: int = 1024) -> CostModel:
-        """Time forwards of 1, 2, 4, ... tokens after `context` cached tokens, and of 1 and
-        `max_tokens` tokens after `long_context` (the per-cached-token cost; none measured
-        if `long_context` <= `context`)."""
-        sizes = [1]
+    def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 1,
+                long_context: int = 1024, every: int = 16) -> CostModel:
+        """Time forwards of 1, 2, 3, ... `every` tokens and then of doubling sizes up to
+        `max_tokens`, after `context` cached tokens, each the fastest of `repeats`; and of
+        1 and `max_tokens` tokens after `long_context` (the per-cached-token cost; none
+        measured if `long_context` <= `context`). The curve returned holds every size up
+        to `max_tokens`, those not timed interpolated, for real steps to refine each on
+        its own (`observe`). One timing per size by default, and each size up to 16: the
+        start-up takes ~30 s in fp32 here (every size up to 33 twice: 100 s), and the
+        sizes the cut uses are refined by real steps; a size that timed slow by chance is
+        one the cut avoids, and its neighbours cost about the same."""
+        sizes = list(range(1, min(every, max_tokens) + 1))
         while sizes[-1] < max_tokens:
             sizes.append(min(sizes[-1] * 2, max_tokens))
         cache = DynamicCache()
@@ -121,7 +133,7 @@ class CostModel:
         ids = torch.arange(context, device=model.device)[None] % vocab
         model(input_ids=ids, **with_cache(model, cache))
 
-        def timed(size: int, cached: int) -> float:
+        def timed(size: int, cached: int, repeats: int = repeats) -> float:
             best = float("inf")
             for _ in range(repeats):
                 packed = pack([Row([1], TokenTree.chain([1] * (size - 1)), cached)], cached, model.dtype,
@@ -136,13 +148,20 @@ class CostModel:
         per_context = (0.0, 0.0)
         long_context = min(long_context, context_length(config) - max_tokens)  # positions the model has
         if long_context > context:
+            # the per-cached-token cost is the difference of two timings: each the fastest of two at least
+            steady, ends = max(repeats, 2), (1, sizes[-1])
+            for n in ends:
+                i = sizes.index(n)
+                seconds[i] = min(seconds[i], timed(n, context, steady))
             _lengthen(cache, long_context)
             timed(1, long_context)
-            extra = [(timed(n, long_context) - seconds[sizes.index(n)]) / (long_context - context)
-                     for n in (1, sizes[-1])]
+            extra = [(timed(n, long_context, steady) - seconds[sizes.index(n)]) / (long_context - context)
+                     for n in ends]
             b = max(extra[1] - extra[0], 0.0) / max(sizes[-1] - 1, 1)  # extra = a + b * tokens
             per_context = (max(extra[0] - b, 0.0), b)
-        return cls(sizes, seconds, context=context, per_context=per_context)
+        timed_curve = cls(sizes, seconds, context=context, per_context=per_context)
+        every_size = list(range(1, max_tokens + 1))
+        return cls(every_size, [timed_curve(n) for n in every_size], context=context, per_context=per_context)
 
 
 def _lengthen(cache: DynamicCache, length: int) -> None:

@@ -58,6 +58,8 @@ class Record:
     token_ids: list[int] = field(repr=False)
     fed: list[int] = field(default_factory=list)  # tokens each target forward was fed, the prefill first
     cached: list[int] = field(default_factory=list)  # tokens cached before each target forward
+    forward_seconds: list[float] = field(default_factory=list)  # each target forward's wall clock
+    curve: list[tuple[int, float]] | None = None  # an adaptive engine's cost curve after the call: (tokens, seconds)
 
 
 def check(config: Config) -> list[M.Spec]:
@@ -124,7 +126,7 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
                     history[spec.name].append((ids, out.token_ids))
                     records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
                                           out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids,
-                                          out.fed, out.cached))
+                                          out.fed, out.cached, out.forward_seconds, out.curve))
                     bar.update()
         oracle[workload] = {
             "cold": copy_oracle(history[M.PLAIN], []),
@@ -178,13 +180,15 @@ def copy_oracle(generations: list[tuple[list[int], list[int]]], corpus: list[lis
     return {"tokens_per_step": tokens / max(steps, 1), "depth": depth}
 
 
-def cost_curve(model, long_context: int, max_tokens: int = 64, repeats: int = 5) -> dict:
-    """Seconds per forward by tokens fed after 64 cached tokens, and per cached token up
-    to `long_context`, measured once (the fastest of `repeats`): what `summarise` prices
-    every method's forwards with, each at its own context."""
+def cost_curve(model, long_context: int, max_tokens: int = 64, repeats: int = 3, every: int = 33) -> dict:
+    """Seconds per forward by tokens fed after 64 cached tokens (each size up to `every`,
+    every tree of the default decoding length with its pending token, then doubling), and
+    per cached token up to `long_context`, measured once (the fastest of `repeats`): what
+    `summarise` prices every method's forwards with, each at its own context."""
     from ..budget import CostModel
 
-    measured = CostModel.measure(model, model.config, max_tokens, repeats=repeats, long_context=long_context)
+    measured = CostModel.measure(model, model.config, max_tokens, repeats=repeats, long_context=long_context,
+                                 every=every)
     return {"context": measured.context, "sizes": measured.sizes, "seconds": measured.seconds,
             "long_context": long_context, "per_context": list(measured.per_context)}
 

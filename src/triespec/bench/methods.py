@@ -44,6 +44,8 @@ class Output:
     draft_seconds: float = 0.0  # time spent drafting, where the method reports it
     fed: list[int] = field(default_factory=list)  # tokens each target forward was fed (the prefill first)
     cached: list[int] = field(default_factory=list)  # tokens cached before each target forward
+    forward_seconds: list[float] = field(default_factory=list)  # each target forward's wall clock
+    curve: list[tuple[int, float]] | None = None  # an adaptive engine's cost curve after the call: (tokens, seconds)
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,10 @@ class Generate:
             seconds = time.perf_counter() - t0
         new = out[0, len(ids):].tolist()
         # known length after each forward: cache + the one pending token; the last: the output
-        bounds = [len(ids)] + [cached + 1 for cached, _ in calls[1:]] + [len(ids) + len(new)]
+        bounds = [len(ids)] + [c.cached + 1 for c in calls[1:]] + [len(ids) + len(new)]
         steps = [b - a for a, b in zip(bounds, bounds[1:])]
-        return Output(new, seconds, [s for s in steps if s > 0], fed=[fed for _, fed in calls],
-                      cached=[cached for cached, _ in calls])
+        return Output(new, seconds, [s for s in steps if s > 0], fed=[c.fed for c in calls],
+                      cached=[c.cached for c in calls], forward_seconds=[c.seconds for c in calls])
 
 
 class Triespec:
@@ -159,27 +161,43 @@ class Triespec:
             t0 = time.perf_counter()
             result = self.engine.generate(ids, max_new_tokens=max_new_tokens)
             seconds = time.perf_counter() - t0
+        cost = self.engine.cost
         return Output(result.token_ids, seconds, list(result.stats.tokens_per_step), result.stats.draft_time,
-                      fed=[fed for _, fed in calls], cached=[cached for cached, _ in calls])
+                      fed=[c.fed for c in calls], cached=[c.cached for c in calls],
+                      forward_seconds=[c.seconds for c in calls], curve=None if cost is None else list(zip(cost.sizes, cost.seconds)))
+
+
+@dataclass
+class _Call:
+    cached: int  # tokens cached before the forward
+    fed: int  # tokens fed to it
+    seconds: float = 0.0  # its wall clock (start to the hook after it)
 
 
 @contextmanager
 def _forwards(model):
-    """Record every forward of `model` while in the block: [(tokens cached before it,
-    tokens fed)]. A hook on the target alone, so a draft model's forwards are not counted."""
-    calls: list[tuple[int, int]] = []
+    """Record every forward of `model` while in the block. Hooks on the target alone, so a
+    draft model's forwards are not counted."""
+    calls: list[_Call] = []
+    started: list[float] = []
 
-    def record(module, args, kwargs):
+    def before(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
         ids = kwargs.get("input_ids", args[0] if args else None)
         fed = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        calls.append((cache.get_seq_length() if cache is not None else 0, fed))
+        calls.append(_Call(cache.get_seq_length() if cache is not None else 0, fed))
+        started.append(time.perf_counter())
 
-    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    def after(module, args, kwargs, output):
+        calls[-1].seconds = time.perf_counter() - started.pop()
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
     try:
         yield calls
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def build(spec: Spec, model, tokenizer, draft_model=None):

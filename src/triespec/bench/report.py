@@ -60,7 +60,7 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
     curve = results.get("cost_curve")
     if curve:
         lines += [f"Cost curve ({curve['context']} tokens cached), ms per forward by tokens fed: "
-                  + ", ".join(f"{n}: {1000 * t:.1f}" for n, t in zip(curve["sizes"], curve["seconds"])), ""]
+                  + ", ".join(f"{n}: {1000 * t:.0f}" for n, t in zip(curve["sizes"], curve["seconds"])), ""]
         if "per_context" in curve:
             a, b = curve["per_context"]
             lines += [f"Each 1000 more tokens cached (measured up to {curve['long_context']}) add "
