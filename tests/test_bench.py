@@ -154,6 +154,23 @@ def test_modelled_figure_prices_each_forward_at_its_context():
     assert harness.modelled([{k: v for k, v in record.items() if k != "cached"}], curve) == (4, 1.5)
 
 
+def test_after_prefill_figure_leaves_out_the_first_forward():
+    plain = dict(new_tokens=5, tokens_per_step=[1, 1, 1, 1, 1], seconds=9.0, forward_seconds=[5.0, 1, 1, 1, 1])
+    fast = dict(new_tokens=5, tokens_per_step=[1, 4], seconds=7.0, forward_seconds=[6.0, 0.9])
+    assert harness.after_prefill([plain]) == (4, 4.0) and harness.after_prefill([fast]) == (4, 1.0)
+    assert harness.after_prefill([plain, {**fast, "forward_seconds": []}]) is None  # a run before it was timed
+    results = _fake_results()
+    assert results["summary"]["qa"]["trie"]["speedup_decode"] is None  # the fake records time no forward
+    times = {"plain": [1.0] * 8, "trie": [1.0, 0.4, 0.4], "trie:warm": [1.0] + [0.3] * 4}
+    for r in results["records"]:
+        r["forward_seconds"] = times[r["method"]]
+        r["seconds"] = sum(times[r["method"]]) + 0.1  # drafting and the loop around the forwards
+    s = harness.summarise(results)["qa"]
+    # plain: 7 tokens in 7.1 s after the prefill; trie: 4 tokens (its first step's 4 are the prefill's) in 0.9 s
+    assert s["trie"]["speedup_decode"] == round((4 / 0.9) / (7 / 7.1), 3)
+    assert s["plain"]["speedup_decode"] == 1.0
+
+
 def test_modelled_figure_over_the_generations_every_method_agreed_on():
     results = _fake_results()
     s = results["summary"]["qa"]

@@ -10,6 +10,7 @@ COLUMNS = [  # (summary key, header, format)
     ("tokens_per_second", "tok/s", "{:.2f}"),
     ("speedup", "speedup", "{:.2f}×"),
     ("speedup_median", "median", "{:.2f}×"),
+    ("speedup_decode", "after prefill", "{:.2f}×"),
     ("speedup_modelled", "modelled", "{:.2f}×"),
     ("speedup_modelled_agreed", "modelled, = all", "{:.2f}×"),
     ("tokens_per_step", "tok/step", "{:.2f}"),
@@ -47,6 +48,8 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
         f"{machine['memory_gb']} GB; torch {machine['torch']}, transformers {machine['transformers']}; {machine['date']}.",
         "",
         "speedup: tokens/s against plain decoding over the same generations (aggregate; median: per generation). "
+        "after prefill: the same by the wall clock after each generation's first forward (the prompt's, the same "
+        "for every method; its noise swamps short answers after long prompts). "
         "modelled: the same, with every forward after the prefill priced by the cost curve below (measured once "
         "in the run) and drafting as measured, so the machine's load between methods does not count; "
         "= all: the same over the generations where every method's output was plain's (in bf16 a method can "
