@@ -51,8 +51,9 @@ class CostModel:
     of 4, 8 and 12 tokens 0.8-1.05 s (the matrix kernels work in blocks of rows), so a
     curve interpolated between powers of two undercharged most trees by 30%, and real
     steps of 11 tokens, refining the sizes 8 and 16 around them, made those look dear.
-    With the real sizes the cut goes to the cheap ones by itself: in replays of a run's
-    outputs, 3.08x plain decoding on code where the interpolated curve's cut got 2.82x."""
+    With the real sizes the cut goes to the cheap ones by itself: replaying a run's code
+    outputs with every step charged by a curve timed at every size, a cut deciding by that
+    curve got 3.08x plain decoding, one deciding by the interpolated curve 2.82x."""
 
     def __init__(self, sizes: list[int], seconds: list[float], smoothing: float = 0.2, context: int = 0,
                  per_context: tuple[float, float] = (0.0, 0.0)):
@@ -83,10 +84,10 @@ class CostModel:
     def observe(self, tokens: int, seconds: float, context: int | None = None) -> None:
         """Move the curve towards a real step's time: the measured size itself (curves of
         `measure` hold every size), else the two around `tokens`, each by its share of the
-        interpolation (a least-squares step). Refining only a size fed exactly, with sizes
-        measured at powers of two, let the sizes that real steps hit often (1 and 2 tokens)
-        take their real, longer times while the larger sizes kept their start-up times (in
-        bf16, 32 tokens at 1.8x one token against 2.2x measured best of five). The step's
+        interpolation (a least-squares step). With a curve timed at powers of two only,
+        refining just a size fed exactly let the sizes real steps hit often (1 and 2
+        tokens) take their real, longer times while the larger sizes kept their start-up
+        times (in bf16, 32 tokens at 1.8x one token against 2.2x timed best of five). The step's
         `context` is priced by `per_context` first, so a long prompt's steps do not make
         the short ones look slow. Beyond the largest measured size there is nothing to
         refine."""
@@ -122,7 +123,7 @@ class CostModel:
         measured if `long_context` <= `context`). The curve returned holds every size up
         to `max_tokens`, those not timed interpolated, for real steps to refine each on
         its own (`observe`). One timing per size by default, and each size up to 16: the
-        start-up takes ~30 s in fp32 here (every size up to 33 twice: 100 s), and the
+        start-up takes ~34 s in fp32 here (every size up to 33 twice: ~100 s), and the
         sizes the cut uses are refined by real steps; a size that timed slow by chance is
         one the cut avoids, and its neighbours cost about the same."""
         sizes = list(range(1, min(every, max_tokens) + 1))

@@ -161,10 +161,11 @@ class Triespec:
             t0 = time.perf_counter()
             result = self.engine.generate(ids, max_new_tokens=max_new_tokens)
             seconds = time.perf_counter() - t0
-        cost = self.engine.cost
+        cost = self.engine.cost  # None without the adaptive budget
+        curve = None if cost is None else list(zip(cost.sizes, cost.seconds))
         return Output(result.token_ids, seconds, list(result.stats.tokens_per_step), result.stats.draft_time,
                       fed=[c.fed for c in calls], cached=[c.cached for c in calls],
-                      forward_seconds=[c.seconds for c in calls], curve=None if cost is None else list(zip(cost.sizes, cost.seconds)))
+                      forward_seconds=[c.seconds for c in calls], curve=curve)
 
 
 @dataclass
