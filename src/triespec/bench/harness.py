@@ -204,7 +204,7 @@ def modelled(records: list[dict], curve: dict) -> tuple[float, float] | None:
         return None
     cost = CostModel(curve["sizes"], curve["seconds"], context=curve["context"],
                      per_context=curve.get("per_context", (0.0, 0.0)))
-    tokens = sum(r["new_tokens"] - r["tokens_per_step"][0] for r in records)
+    tokens = _decoded(records)
     seconds = sum(sum(cost(f, c) for f, c in zip(r["fed"][1:], r.get("cached", [None] * len(r["fed"]))[1:]))
                   + r["draft_seconds"] for r in records)
     return tokens, seconds
@@ -217,8 +217,12 @@ def after_prefill(records: list[dict]) -> tuple[float, float] | None:
     measured with it, 1.06x after it). None for runs before 2026-11-27 (no forward timed)."""
     if not all(r.get("forward_seconds") for r in records):
         return None
-    tokens = sum(r["new_tokens"] - r["tokens_per_step"][0] for r in records)
-    return tokens, sum(r["seconds"] - r["forward_seconds"][0] for r in records)
+    return _decoded(records), sum(r["seconds"] - r["forward_seconds"][0] for r in records)
+
+
+def _decoded(records: list[dict]) -> int:
+    """Tokens the records generated after their prefill's (the first forward's) own."""
+    return sum(r["new_tokens"] - r["tokens_per_step"][0] for r in records)
 
 
 def summarise(results: dict) -> dict:

@@ -172,6 +172,7 @@ class Triespec:
 class _Call:
     cached: int  # tokens cached before the forward
     fed: int  # tokens fed to it
+    started: float  # perf_counter() when it began
     seconds: float = 0.0  # its wall clock (start to the hook after it)
 
 
@@ -180,17 +181,15 @@ def _forwards(model):
     """Record every forward of `model` while in the block. Hooks on the target alone, so a
     draft model's forwards are not counted."""
     calls: list[_Call] = []
-    started: list[float] = []
 
     def before(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
         ids = kwargs.get("input_ids", args[0] if args else None)
         fed = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        calls.append(_Call(cache.get_seq_length() if cache is not None else 0, fed))
-        started.append(time.perf_counter())
+        calls.append(_Call(cache.get_seq_length() if cache is not None else 0, fed, time.perf_counter()))
 
     def after(module, args, kwargs, output):
-        calls[-1].seconds = time.perf_counter() - started.pop()
+        calls[-1].seconds = time.perf_counter() - calls[-1].started
 
     hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
              model.register_forward_hook(after, with_kwargs=True)]
