@@ -12,15 +12,24 @@ harness. The result is a *simulation*: it is how the budget was tuned in minutes
 than hours, not a speed claim (those come from `triespec bench`). The curve is the one
 the run measured (results.json's `cost_curve`, recorded since 2026-11-27, each forward
 priced at its context where the run measured two); for older runs, Qwen2.5-Coder-1.5B in
-fp32 on a
-2-core AVX2 EPYC (seconds by tokens fed), unless `--curve` is given.
+fp32 on a 2-core AVX2 EPYC (seconds by tokens fed), unless `--curve` is given.
+
+Where the run timed its forwards (`forward_seconds`), steps are charged by what forwards
+of each size really took: the curve times the median ratio of the run's forwards of
+that size to it. The adaptive cut still decides by the start-up curve, refined by each
+replayed step's charge as the engine refines it by real steps. Real forwards ran 1.2-1.35x
+the start-up curve in bf16 here, one-token ones the most, which a replay charged by the
+curve alone hid.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
+
+import numpy as np
 
 from transformers import AutoTokenizer
 
@@ -60,13 +69,32 @@ def accepted(tree, output: list[int]) -> int:
     return n
 
 
-def replay(generations, cost: CostModel, decoding_length: int,
-           calibration: Calibration | None = None) -> tuple[float, float]:
+def recorded_curve(results: dict, cost: CostModel, least: int = 5) -> CostModel | None:
+    """`cost` scaled size by size by the median ratio of the run's timed forwards (after
+    each generation's first) to it; sizes fed fewer than `least` times take the ratio
+    interpolated between sizes that were. None if the run timed no forwards."""
+    ratios: dict[int, list[float]] = {}
+    for r in results["records"]:
+        for fed, cached, seconds in list(zip(r["fed"], r["cached"], r.get("forward_seconds", [])))[1:]:
+            ratios.setdefault(fed, []).append(seconds / cost(fed, cached))
+    known = sorted((n, float(np.median(v))) for n, v in ratios.items() if len(v) >= least and n in cost.sizes)
+    if not known:
+        return None
+    scale = np.interp(cost.sizes, [n for n, _ in known], [x for _, x in known])
+    return CostModel(cost.sizes, [t * x for t, x in zip(cost.seconds, scale)], context=cost.context,
+                     per_context=cost.per_context)
+
+
+def replay(generations, cost: CostModel, decoding_length: int, calibration: Calibration | None = None,
+           charge: CostModel | None = None) -> tuple[float, float]:
     """(simulated seconds, plain decoding's seconds) for one workload's generations, both
     for the tokens after each generation's first forward: the prefill costs every method
     the same, and leaving it out is how the harness's modelled speed-up counts too. With
-    a `calibration`, the adaptive cut (which learns into it), else the fixed size."""
+    a `calibration`, the adaptive cut (which learns into it and decides by `cost`), else
+    the fixed size. Steps are charged by `charge` (default: `cost`), and with one given
+    `cost` is refined by each step's charge, as the engine refines its curve."""
     drafter = TrieDrafter(decoding_length=decoding_length)
+    charge = charge or cost
     spent = plain = 0.0
     for prompt, output in generations:
         session = drafter.begin(prompt)
@@ -78,9 +106,12 @@ def replay(generations, cost: CostModel, decoding_length: int,
                 watch.append(Watched(len(seq), tree, size, expected_tokens(tree, size, calibration)))
                 tree = tree.prefix(max_nodes=size)
             new = output[done : done + accepted(tree, output[done:]) + 1]
+            fed, context = pending + len(tree), len(seq) - pending
             if done:  # after the prefill: plain decoding would spend a forward per token
-                spent += cost(pending + len(tree), len(seq) - pending)
-                plain += len(new) * cost(1, len(seq))
+                spent += charge(fed, context)
+                plain += len(new) * charge(1, len(seq))
+            if charge is not cost:
+                cost.observe(fed, charge(fed, context), context)
             done, pending = done + len(new), 1
             seq += new
             if calibration is not None:
@@ -108,13 +139,16 @@ def main() -> None:
         points = [p.split(":") for p in (args.curve or FP32_CURVE).split(",")]
         cost = CostModel([int(t) for t, _ in points], [float(s) for _, s in points])
     sizes = [int(s) for s in args.sizes.split(",")]
-    print("simulated speed-up over plain decoding\n")
+    charge = None if args.curve else recorded_curve(results, cost)
+    print("simulated speed-up over plain decoding, steps charged by "
+          + ("the run's timed forwards" if charge else "the curve") + "\n")
     print("| workload | " + " | ".join(f"fixed dl={s}" for s in sizes) + " | adaptive | adaptive / best fixed |")
     print("|---|" + "---:|" * (len(sizes) + 2))
     calibration = Calibration()  # one for the whole run, as the harness carries it across workloads
+    decide = copy.deepcopy(cost) if charge else cost  # the adaptive's own curve, refined as it goes
     for workload, generations in recorded(results, tokenizer).items():
-        cells = [replay(generations, cost, s) for s in sizes]
-        cells.append(replay(generations, cost, max(sizes), calibration))
+        cells = [replay(generations, charge or cost, s) for s in sizes]
+        cells.append(replay(generations, decide, max(sizes), calibration, charge))
         speedups = [plain / spent for spent, plain in cells]
         print(f"| {workload} | " + " | ".join(f"{x:.2f}×" for x in speedups) + f" | {speedups[-1] / max(speedups[:-1]):.3f} |")
 
