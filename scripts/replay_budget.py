@@ -30,7 +30,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from transformers import AutoTokenizer
 
 from triespec.bench import workloads as W

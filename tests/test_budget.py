@@ -1,9 +1,12 @@
 """Adaptive draft budget: the cost model, the calibration, the cut, and exactness."""
 
+import time
+
 import pytest
 import torch
 
 from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
+import triespec.budget as budget
 from triespec import Engine, TokenTree
 from triespec.tree import MODEL, TRIE
 from triespec.drafters import MergedDrafter, ModelDrafter, TrieDrafter
@@ -74,10 +77,6 @@ def test_cost_model_is_measured_on_the_model():
 def test_a_burst_of_load_at_start_up_does_not_make_sizes_dear(monkeypatch):
     # Real steps correct only the sizes the cut feeds: a size timed slow by chance would be
     # avoided for good. A burst during the first pass over the sizes 2-5 must not stick.
-    import time
-
-    import triespec.budget as budget
-
     real, seen = budget.forward, set()
 
     def bursty(model, packed, cache, logits_to_keep):
