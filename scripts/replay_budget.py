@@ -74,7 +74,9 @@ def recorded_curve(results: dict, cost: CostModel, least: int = 5) -> CostModel 
     interpolated between sizes that were. None if the run timed no forwards."""
     ratios: dict[int, list[float]] = {}
     for r in results["records"]:
-        for fed, cached, seconds in list(zip(r["fed"], r["cached"], r.get("forward_seconds", [])))[1:]:
+        if not r.get("forward_seconds"):  # runs before 2026-11-27 timed no forward (nor kept `fed`, `cached`)
+            continue
+        for fed, cached, seconds in list(zip(r["fed"], r["cached"], r["forward_seconds"]))[1:]:
             ratios.setdefault(fed, []).append(seconds / cost(fed, cached))
     known = sorted((n, float(np.median(v))) for n, v in ratios.items() if len(v) >= least and n in cost.sizes)
     if not known:
