@@ -15,6 +15,8 @@ import torch
 
 from conftest import ScriptedDrafter, make_model, plain_greedy
 from triespec import Engine, NoDraft, TokenTree
+from triespec.budget import Calibration, CostModel
+from triespec.tree import MODEL
 from triespec.verify import Verdict, verify_sampling
 
 V = 5  # vocabulary of the toy model
@@ -294,3 +296,61 @@ def test_a_users_logits_processor_applies_as_in_generate():
     result = engine.generate(prompt, max_new_tokens=25, logits_processor=processors)
     assert result.token_ids == expected
     assert result.token_ids != engine.generate(prompt, max_new_tokens=25).token_ids
+
+
+class SampledChild:
+    """Drafts one child of the root, drawn from a fixed q with a random stream of its own,
+    recorded with its q and scored q(x): a sampling drafter's tree in its simplest form."""
+
+    def __init__(self, q: torch.Tensor, seed: int = 0):
+        self.q, self.g = q, torch.Generator().manual_seed(seed)
+
+    def begin(self, prompt_ids):
+        return self
+
+    def propose(self, max_nodes, max_depth):
+        if max_nodes < 1 or max_depth < 1:
+            return TokenTree()
+        x = int(torch.multinomial(self.q, 1, generator=self.g))
+        return TokenTree((x,), (-1,), (float(self.q[x]),), self.q[None], kinds=(MODEL,))
+
+    def learn(self, new_ids):
+        pass
+
+    def end(self):
+        pass
+
+
+def test_a_cut_that_looks_at_the_draws_keeps_the_law():
+    """The adaptive cut keeps a sampled node only when its score (the q of the token it
+    drew) is high enough. Verified with q, the kept node would then not be a plain draw
+    from q: with q = (0.6 on a, 0.4 on b) and a kept only when drawn, a would come out
+    with probability p(a) (2 - 0.6) instead of p(a). A steep cost model makes the cut
+    depend on the draw (one more token costs half a forward: only nodes likelier than
+    1/2 pay), and a calibration too sure to move keeps the rates at q."""
+    model = make_model("llama", seed=5)
+    model.config.vocab_size = 8
+    model.resize_token_embeddings(8)
+    model.generation_config.eos_token_id = None
+    prompt = [1, 2, 3, 1, 2]
+    settings = dict(do_sample=True, temperature=0.8, top_k=5, repetition_penalty=1.3)
+    law = {k: p for k, p in processed_law(model, prompt, 0.8, 5, 1.3).items() if p > 0}
+    first = [sum(p for (a, _), p in law.items() if a == t) for t in range(8)]
+    a, b = sorted(range(8), key=lambda t: -first[t])[:2]
+    assert first[a] < 0.6  # so the bias would show: a is accepted with p(a) / q(a) < 1
+    q = torch.zeros(8)
+    q[a], q[b] = 0.6, 0.4
+    engine = Engine(model, drafter=SampledChild(q), adaptive=True)
+    # the first step feeds the prompt (5 tokens): a sixth costs half a forward more
+    engine.cost = CostModel([1, 5, 6, 7], [1.0, 1.0, 1.5, 2.0], smoothing=0.0)  # real steps do not move it
+    engine.calibration = Calibration(prior=1e6, memory=None, scale_prior=1e6)
+    g = torch.Generator().manual_seed(0)
+    n, counts, verified = 1500, {}, 0
+    for _ in range(n):
+        result = engine.generate(prompt, max_new_tokens=2, generator=g, **settings)
+        counts[tuple(result.token_ids)] = counts.get(tuple(result.token_ids), 0) + 1
+        verified += result.stats.draft_sizes[0]
+    assert 0.5 * n < verified < 0.7 * n  # the cut kept the node when a was drawn, and only then
+    assert set(counts) <= set(law)
+    assert chi_square_p_value(counts, law, n) > 1e-3
+    assert max_z(counts, law, n, length=2) < 4.5

@@ -296,9 +296,11 @@ class _Row:
         watched = self.watch[-1]
         watched.size, watched.expected = size, expected_tokens(self.tree, size, self.engine.calibration)
         cut = self.tree.prefix(max_nodes=size)
-        if cut is not self.tree and cut.draft_probs is not None:
-            # the cut depends on the drafted tokens' scores, so the kept nodes are no longer
-            # plain draws from their q: verify them one-hot, which is exact for any tree
+        if cut.draft_probs is not None:
+            # The cut looked at the scores of the drawn tokens, so whatever it kept (the whole
+            # tree included: keeping it depended on the draws too) is no longer a plain draw
+            # from q. One-hot verification is exact for any tree whose tokens were chosen
+            # independently of the verifier's random numbers; q is dropped whatever the size.
             cut = TokenTree(cut.tokens, cut.parents, cut.scores, kinds=cut.kinds)
         self.tree = cut
 
