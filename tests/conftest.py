@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from triespec import TokenTree
+from triespec.drafters import Drafter, DraftSession
 
 VOCAB = 96
 EOS = VOCAB - 1
@@ -72,21 +73,21 @@ def repetitive_prompt(seed: int, length: int = 24) -> list[int]:
     return noise[: length // 2] + phrase + noise[length // 2 :] + phrase[:3]
 
 
-class ScriptedDrafter:
+class ScriptedDrafter(Drafter):
     """A drafter whose trees come from a function of the tokens so far (prompt + output)."""
 
     def __init__(self, make_tree):
         self.make_tree = make_tree
 
-    def begin(self, prompt_ids):
-        return _ScriptedSession(self.make_tree, list(prompt_ids))
+    def begin(self, prompt_ids, sampling=None):
+        return ScriptedSession(self.make_tree, list(prompt_ids))
 
 
-class _ScriptedSession:
+class ScriptedSession(DraftSession):
     def __init__(self, make_tree, seq):
         self.make_tree, self.seq = make_tree, seq
 
-    def propose(self, max_nodes, max_depth):
+    def propose(self, max_nodes, max_depth, allow_costly=None):
         return self.make_tree(list(self.seq)).prefix(max_nodes, max_depth)
 
     def learn(self, new_ids):

@@ -62,11 +62,11 @@ def test_a_method_carries_what_its_budget_learned_to_the_next_workload():
     first.run(repetitive_prompt(3, length=40), 20)
     second = methods.build(methods.parse("trie"), model, None)
     second.carry(first)
-    assert second.engine.calibration is first.engine.calibration  # as one server's engine would
+    assert second.engine.budget.calibration is first.engine.budget.calibration  # as one server's engine would
     assert len(second.engine.drafter.memory) == 0 < len(first.engine.drafter.memory)  # no answers copied
     fixed = [methods.build(methods.parse("trie:fixed"), model, None) for _ in range(2)]
     fixed[1].carry(fixed[0])
-    assert fixed[1].engine.calibration is None  # a fixed size has nothing to carry
+    assert fixed[1].engine.budget is None  # a fixed size has nothing to carry
 
 
 def test_assisted_steps_count_target_forwards_only():

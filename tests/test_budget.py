@@ -9,7 +9,7 @@ from conftest import make_model, plain_greedy, repetitive_prompt, tiny_model
 import triespec.budget as budget
 from triespec import Engine, TokenTree
 from triespec.tree import MODEL, TRIE
-from triespec.drafters import MergedDrafter, ModelDrafter, TrieDrafter
+from triespec.drafters import Drafter, DraftSession, MergedDrafter, ModelDrafter, TrieDrafter
 from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label, worth
 
 
@@ -347,7 +347,7 @@ def test_adaptive_engine_stays_exact(arch):
         expected = plain_greedy(model, prompt, 40)
         assert engine.generate(prompt, max_new_tokens=40).token_ids == expected
         assert engine.generate(prompt, max_new_tokens=40).token_ids == expected
-    assert sum(engine.calibration.drafted) > 10 * 4  # it learned from what it proposed
+    assert sum(engine.budget.calibration.drafted) > sum(Calibration().drafted) + 40  # it learned from its trees
 
 
 def test_adaptive_cut_follows_the_cost_curve():
@@ -358,11 +358,11 @@ def test_adaptive_cut_follows_the_cost_curve():
     engine.generate(prompt, max_new_tokens=30)  # the memory now holds the answer
 
     # smoothing=0: real steps (a millisecond each) must not reshape the curves under test
-    engine.cost = CostModel([1, 64], [1.0, 64.0], smoothing=0.0)  # nothing pays
+    engine.budget.cost = CostModel([1, 64], [1.0, 64.0], smoothing=0.0)  # nothing pays
     never = engine.generate(prompt, max_new_tokens=30)
     assert never.token_ids == expected and set(never.stats.draft_sizes[1:]) == {0}
 
-    engine.cost = CostModel([1, 64], [1.0, 1.0], smoothing=0.0)  # everything pays
+    engine.budget.cost = CostModel([1, 64], [1.0, 1.0], smoothing=0.0)  # everything pays
     always = engine.generate(prompt, max_new_tokens=30)
     assert always.token_ids == expected and always.stats.steps < never.stats.steps
 
@@ -388,13 +388,13 @@ def test_the_gate_backs_off_a_drafter_that_costs_more_than_it_brings():
 
 def test_only_drafters_that_run_forwards_are_gated():
     model = tiny_model("llama")
-    assert Engine(model).gate is None  # the trie: the cut alone decides
-    assert Engine(model, drafter=ModelDrafter(model)).gate is not None
-    assert Engine(model, drafter=MergedDrafter([TrieDrafter(), ModelDrafter(model)])).gate is not None
-    assert Engine(model, drafter=ModelDrafter(model), adaptive=False).gate is None
+    assert Engine(model).budget.gate is None  # the trie: the cut alone decides
+    assert Engine(model, drafter=ModelDrafter(model)).budget.gate is not None
+    assert Engine(model, drafter=MergedDrafter([TrieDrafter(), ModelDrafter(model)])).budget.gate is not None
+    assert Engine(model, drafter=ModelDrafter(model), adaptive=False).budget is None
 
 
-class SlowWrongDrafter:
+class SlowWrongDrafter(Drafter, DraftSession):
     """Takes 30 ms to propose a wrong chain."""
 
     costly = True
@@ -402,11 +402,12 @@ class SlowWrongDrafter:
     def __init__(self):
         self.calls = 0
 
-    def begin(self, prompt_ids):
+    def begin(self, prompt_ids, sampling=None):
         return self
 
-    def propose(self, max_nodes, max_depth):
-        import time
+    def propose(self, max_nodes, max_depth, allow_costly=None):
+        if allow_costly is not None and not allow_costly(TokenTree()):
+            return TokenTree()
         self.calls += 1
         time.sleep(0.03)
         n = min(4, max_depth, max_nodes)
@@ -435,13 +436,13 @@ def trusted_hybrid():
     prompt = repetitive_prompt(1)
     slow = SlowWrongDrafter()
     engine = Engine(model, drafter=MergedDrafter([TrieDrafter(decoding_length=16), slow]))
-    engine.calibration = Exact()
+    engine.budget.calibration = Exact()
     return engine, slow, prompt, plain_greedy(model, prompt, 40)
 
 
 def test_a_gated_hybrid_still_drafts_from_the_trie():
     engine, slow, prompt, expected = trusted_hybrid()
-    engine.gate.skip = 10**6  # the draft model never pays
+    engine.budget.gate.skip = 10**6  # the draft model never pays
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == expected and slow.calls == 0
     assert max(result.stats.draft_sizes) > 0
@@ -476,8 +477,8 @@ def test_an_adaptive_engine_prices_the_draft_models_expansion():
 def test_a_hybrid_skips_its_draft_model_while_the_trie_copies():
     engine, slow, prompt, expected = trusted_hybrid()
     engine.drafter.learn_text(expected)  # the trie knows the answer
-    engine.gate.observe(tokens=3, fed=1, draft_seconds=0.0, model_seconds=0.1)  # the model's steps gave 3
-    engine.gate.wanted = lambda: True  # (the gate's back-off alone would also skip this wrong drafter)
+    engine.budget.gate.observe(tokens=3, fed=1, draft_seconds=0.0, model_seconds=0.1)  # the model's steps gave 3
+    engine.budget.gate.wanted = lambda: True  # (the gate's back-off alone would also skip this wrong drafter)
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == expected
     assert slow.calls < result.stats.steps / 2  # run only where the trie had less than 3 tokens to offer
@@ -490,7 +491,7 @@ def test_an_adaptive_batch_stays_exact():
     engine = Engine(model, decoding_length=16, branch_length=6)
     for answer in expected[:2]:
         engine.drafter.learn_text(answer)
-    engine.calibration = Exact()  # trust the trie, so that the batch's cut keeps nodes
+    engine.budget.calibration = Exact()  # trust the trie, so that the batch's cut keeps nodes
     results = engine.generate(prompts, max_new_tokens=30)
     assert [r.token_ids for r in results] == expected
     assert max(max(r.stats.draft_sizes) for r in results) > 0

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import EOS, make_model, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine
-from triespec.engine import _Batch
+from triespec.engine import Batch
 
 
 def prompts_and_limits(seed: int):
@@ -19,7 +19,7 @@ def prompts_and_limits(seed: int):
 
 def run_with_joins(engine, rows, join_at: list[int]):
     """Row i joins before step join_at[i] (0: from the start); steps until all are done."""
-    batch = _Batch(engine, [r for r, at in zip(rows, join_at) if at == 0])
+    batch = Batch(engine, [r for r, at in zip(rows, join_at) if at == 0])
     step, sizes = 0, []
     while True:
         step += 1
@@ -40,7 +40,7 @@ def test_rows_joining_mid_run_equal_plain_greedy(arch):
     expected = [plain_greedy(model, p, n) for p, n in zip(prompts, limits)]
     engine = Engine(model, adaptive=False, decoding_length=12, branch_length=5)
     for _ in range(2):  # the second round drafts from memory: long accepted paths, rows at other widths
-        rows = [engine._row(p, n, None, {}) for p, n in zip(prompts, limits)]
+        rows = [engine.row(p, n) for p, n in zip(prompts, limits)]
         sizes = run_with_joins(engine, rows, join_at=[0, 3, 4, 9, 25])
         assert [r.result().token_ids for r in rows] == expected
         assert all(r.finish in ("length", "stop") for r in rows)
@@ -52,7 +52,7 @@ def test_row_joining_an_emptied_batch_starts_a_fresh_cache():
     model = tiny_model("llama")
     prompts, limits = prompts_and_limits(6)
     engine = Engine(model, adaptive=False, decoding_length=8)
-    rows = [engine._row(prompts[0], 3, None, {}), engine._row(prompts[2], 10, None, {})]
+    rows = [engine.row(prompts[0], 3), engine.row(prompts[2], 10)]
     run_with_joins(engine, rows, join_at=[0, 8])  # the first row is gone by step 8
     assert rows[1].result().token_ids == plain_greedy(model, prompts[2], 10)
 
@@ -63,7 +63,7 @@ def test_sampled_row_joining_mid_run_equals_its_single_run():
     engine = Engine(model, adaptive=False, decoding_length=8)
     settings = dict(do_sample=True, temperature=0.8, seed=11)
     alone = [engine.generate(p, max_new_tokens=n, **settings).token_ids for p, n in zip(prompts, limits)]
-    rows = [engine._row(p, n, None, settings) for p, n in zip(prompts, limits)]
+    rows = [engine.row(p, n, **settings) for p, n in zip(prompts, limits)]
     run_with_joins(engine, rows, join_at=[0, 2, 2, 5, 7])
     assert [r.result().token_ids for r in rows] == alone
 
@@ -72,8 +72,8 @@ def test_cancelled_row_leaves_at_the_next_step():
     model = tiny_model("mistral")
     prompts, limits = prompts_and_limits(8)
     engine = Engine(model, adaptive=False, decoding_length=8, branch_length=4)
-    rows = [engine._row(p, 30, None, {}) for p in prompts[:3]]
-    batch = _Batch(engine, rows)
+    rows = [engine.row(p, 30) for p in prompts[:3]]
+    batch = Batch(engine, rows)
     for _ in range(3):
         batch.step()
     gone = rows[1]
@@ -92,10 +92,10 @@ def test_cancelled_row_leaves_at_the_next_step():
 
 def test_only_new_rows_join():
     engine = Engine(tiny_model("llama"))
-    row = engine._row([1, 2, 3], 4, None, {})
-    batch = _Batch(engine, [row])
+    row = engine.row([1, 2, 3], 4)
+    batch = Batch(engine, [row])
     with pytest.raises(ValueError, match="only a new row"):
         batch.add(row)
     batch.step()
     with pytest.raises(ValueError, match="only a new row"):
-        _Batch(engine).add(row)
+        Batch(engine).add(row)

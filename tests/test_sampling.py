@@ -16,6 +16,7 @@ import torch
 from conftest import ScriptedDrafter, make_model, plain_greedy
 from triespec import Engine, NoDraft, TokenTree
 from triespec.budget import Calibration, CostModel
+from triespec.drafters import Drafter, DraftSession
 from triespec.tree import MODEL
 from triespec.verify import Verdict, verify_sampling
 
@@ -298,17 +299,17 @@ def test_a_users_logits_processor_applies_as_in_generate():
     assert result.token_ids != engine.generate(prompt, max_new_tokens=25).token_ids
 
 
-class SampledChild:
+class SampledChild(Drafter, DraftSession):
     """Drafts one child of the root, drawn from a fixed q with a random stream of its own,
     recorded with its q and scored q(x): a sampling drafter's tree in its simplest form."""
 
     def __init__(self, q: torch.Tensor, seed: int = 0):
         self.q, self.g = q, torch.Generator().manual_seed(seed)
 
-    def begin(self, prompt_ids):
+    def begin(self, prompt_ids, sampling=None):
         return self
 
-    def propose(self, max_nodes, max_depth):
+    def propose(self, max_nodes, max_depth, allow_costly=None):
         if max_nodes < 1 or max_depth < 1:
             return TokenTree()
         x = int(torch.multinomial(self.q, 1, generator=self.g))
@@ -340,10 +341,10 @@ def test_a_cut_that_looks_at_the_draws_keeps_the_law():
     assert first[a] < 0.6  # so the bias would show: a is accepted with p(a) / q(a) < 1
     q = torch.zeros(8)
     q[a], q[b] = 0.6, 0.4
-    engine = Engine(model, drafter=SampledChild(q), adaptive=True)
-    # the first step feeds the prompt (5 tokens): a sixth costs half a forward more
-    engine.cost = CostModel([1, 5, 6, 7], [1.0, 1.0, 1.5, 2.0], smoothing=0.0)  # real steps do not move it
-    engine.calibration = Calibration(prior=1e6, memory=None, scale_prior=1e6)
+    # the first step feeds the prompt (5 tokens): a sixth costs half a forward more; real steps do not move it
+    cost = CostModel([1, 5, 6, 7], [1.0, 1.0, 1.5, 2.0], smoothing=0.0)
+    engine = Engine(model, drafter=SampledChild(q), cost=cost)
+    engine.budget.calibration = Calibration(prior=1e6, memory=None, scale_prior=1e6)
     g = torch.Generator().manual_seed(0)
     n, counts, verified = 1500, {}, 0
     for _ in range(n):

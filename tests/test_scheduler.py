@@ -35,7 +35,7 @@ def test_requests_submitted_while_running_get_their_plain_greedy_output():
         results = []
         for p in prompts:  # arrive one after another, while earlier ones are decoding
             results.append(Collector())
-            scheduler.submit(engine._row(p, 25, None, {}), results[-1])
+            scheduler.submit(engine.row(p, 25), results[-1])
         for r in results:
             assert r.done.wait(60)
         assert [r.tokens for r in results] == [plain_greedy(model, p, 25) for p in prompts]
@@ -61,10 +61,10 @@ def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on(monkeypatch
     scheduler.start()
     try:
         first = Collector()
-        scheduler.submit(engine._row([5, 6, 7], 20, None, {}), first)
+        scheduler.submit(engine.row([5, 6, 7], 20), first)
         assert first.done.wait(60) and "out of memory" in first.error
         again = Collector()
-        scheduler.submit(engine._row([5, 6, 7], 20, None, {}), again)
+        scheduler.submit(engine.row([5, 6, 7], 20), again)
         assert again.done.wait(60) and again.error is None
         assert again.tokens == plain_greedy(model, [5, 6, 7], 20)
     finally:
@@ -75,10 +75,10 @@ def test_queue_bound_and_cancel():
     engine = Engine(tiny_model("llama"))
     scheduler = Scheduler(engine, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
     first, second = Collector(), Collector()
-    t1 = scheduler.submit(engine._row([1, 2], 5, None, {}), first)  # would join at the next step
-    scheduler.submit(engine._row([1, 2], 5, None, {}), second)  # waits in the queue
+    t1 = scheduler.submit(engine.row([1, 2], 5), first)  # would join at the next step
+    scheduler.submit(engine.row([1, 2], 5), second)  # waits in the queue
     with pytest.raises(QueueFull):
-        scheduler.submit(engine._row([1, 2], 5, None, {}), Collector())
+        scheduler.submit(engine.row([1, 2], 5), Collector())
     scheduler.cancel(t1)
     scheduler.start()
     try:
@@ -87,6 +87,6 @@ def test_queue_bound_and_cancel():
     finally:
         scheduler.stop()
     with pytest.raises(QueueFull, match="shutting down"):
-        scheduler.submit(engine._row([1, 2], 5, None, {}), Collector())
+        scheduler.submit(engine.row([1, 2], 5), Collector())
     with pytest.raises(ValueError):
         Scheduler(engine, max_batch=0)

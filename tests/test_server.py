@@ -309,8 +309,8 @@ def test_serve_options_build_the_engine_they_say():
 
     path = default_model_path()
     plain = _serving_engine(build_parser().parse_args(["serve", "--no-draft"]), path)
-    assert isinstance(plain.drafter, NoDraft) and plain.cost is None
+    assert isinstance(plain.drafter, NoDraft) and plain.budget is None
     fixed = _serving_engine(build_parser().parse_args(["serve", "--no-adaptive", "--decoding-length", "8"]), path)
-    assert fixed.cost is None and fixed.drafter.decoding_length == 8
+    assert fixed.budget is None and fixed.drafter.decoding_length == 8
     adaptive = _serving_engine(build_parser().parse_args(["serve"]), path)
-    assert adaptive.cost is not None and adaptive.drafter.decoding_length == 32
+    assert adaptive.budget is not None and adaptive.drafter.decoding_length == 32

@@ -121,11 +121,11 @@ def test_stream_adds_up_to_generate(engine, prompt, stop):
 
 
 def test_text_stream_never_splits_a_character(engine):
-    from triespec.engine import _TextStream
+    from triespec.engine import TextStream
 
     text = "naïve café 東京 🙂🎉 done"
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-    stream = _TextStream(engine.tokenizer, [])
+    stream = TextStream(engine.tokenizer, [])
     pieces = [stream.push([token]) for token in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + stream.finish(text) == text
@@ -148,10 +148,10 @@ def test_cli_streams_the_same_text(engine):
 
 
 def test_loads_a_local_folder(engine):
-    from triespec.loading import _dense_copy
+    from triespec.loading import dense_copy
     from pathlib import Path
 
-    folder = _dense_copy(Path(default_model_path()))
+    folder = dense_copy(Path(default_model_path()))
     again = Engine.from_pretrained(str(folder), dtype="float32")
     assert again.generate("Hello", max_new_tokens=8).token_ids == engine.generate("Hello", max_new_tokens=8).token_ids
 

@@ -23,6 +23,7 @@ import bisect
 import heapq
 import time
 import weakref
+from typing import Callable
 
 import numpy as np
 import torch
@@ -479,16 +480,18 @@ class Gate:
             return False
         return True
 
-    def observe(self, tokens: int, fed: int, draft_seconds: float, model_seconds: float) -> None:
-        """A drafted step: `tokens` yielded, `fed` pending tokens fed besides the tree."""
-        plain = self.cost(fed) + (tokens - 1) * self.cost(1)  # plain decoding, the same tokens
+    def observe(self, tokens: int, fed: int, draft_seconds: float, model_seconds: float, rows: int = 1) -> None:
+        """A drafted step of `rows` rows: `tokens` yielded in all, `fed` pending tokens fed
+        besides the trees. Plain decoding would have spent the pending tokens' forward,
+        then a forward of `rows` tokens for every `rows` more tokens."""
+        plain = self.cost(fed) + (tokens - rows) * self.cost(rows) / rows  # plain decoding, the same tokens
         a = 1.0 if self.seen == 0 else self.smoothing
         self.seen += 1
         self.since = 0
         self.plain += a * (plain - self.plain)
         self.spent += a * (draft_seconds + model_seconds - self.spent)
-        self.tokens += a * (tokens - self.tokens)
-        self.drafting += a * (draft_seconds - self.drafting)
+        self.tokens += a * (tokens / rows - self.tokens)  # per row, as `enough` compares them
+        self.drafting += a * (draft_seconds / rows - self.drafting)
         if self.spent <= self.plain:
             self.backoff = 1
         else:
@@ -515,6 +518,37 @@ def worth(tree: TokenTree, calibration: Calibration) -> float:
     return sum(_reach(tree, calibration))
 
 
-def is_costly(drafter) -> bool:
-    """Whether a drafter (or one it merges) runs forwards of its own."""
-    return getattr(drafter, "costly", False) or any(is_costly(d) for d in getattr(drafter, "drafters", ()))
+class Budget:
+    """An engine's adaptive budget, behind the calls its decode step makes: before the
+    forward, `allow_costly` (whether draft models run this step) and `plan` (how many of
+    each row's tree nodes to verify); after it, `observe` (what the step cost and gave).
+    `cost` is the machine's forward cost curve; `costly`: the drafter runs forwards of
+    its own, which the gate weighs."""
+
+    def __init__(self, cost: CostModel, costly: bool = False, calibration: Calibration | None = None):
+        self.cost = cost
+        self.calibration = calibration if calibration is not None else Calibration()
+        self.gate = Gate(cost) if costly else None
+
+    def allow_costly(self) -> Callable[[TokenTree], bool] | None:
+        """This step's rule for the drafters that cost forwards, one decision for every
+        row (drafters.base.Allow); None when the drafter has none."""
+        gate = self.gate
+        if gate is None:
+            return None
+        if not gate.wanted():
+            return lambda cheap: False
+        return lambda cheap: not gate.enough(1 + worth(cheap, self.calibration))
+
+    def plan(self, trees: list[TokenTree], fed: int, others: int = 0, context: int | None = None) -> list[int]:
+        """How many of each tree's first nodes to verify in one forward (`best_sizes`)."""
+        return best_sizes(trees, fed, self.cost, self.calibration, others=others, context=context)
+
+    def observe(self, fed: int, seconds: float, context: int, drafted: tuple[int, int, float, int] | None) -> None:
+        """A step fed `fed` tokens in `seconds` after `context` cached ones; `drafted`:
+        (tokens yielded, pending tokens fed, drafting seconds, rows) when every row's
+        costly drafters ran, for the gate (None otherwise)."""
+        self.cost.observe(fed, seconds, context)
+        if self.gate is not None and drafted is not None:
+            tokens, pending, draft_seconds, rows = drafted
+            self.gate.observe(tokens, pending, draft_seconds, seconds, rows)

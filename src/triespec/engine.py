@@ -10,10 +10,10 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Calibration, CostModel, Gate, Watched, best_sizes, expected_tokens, is_costly, worth
-from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
+from .budget import Budget, CostModel, Watched, expected_tokens
+from .drafters import DRAFTERS, Drafter, NoDraft, TrieDrafter, build, check_drafter
 from .kv import keep_paths
-from .masks import Row, attention_layout, context_length, forward, pack
+from .masks import Row, check_tree_attention, context_length, forward, pack
 from .tree import TokenTree
 from .sampling import Sampling, TreeScores, sampling_settings
 from .verify import Verdict, verify_greedy, verify_sampling
@@ -71,37 +71,35 @@ class Engine:
     """Lossless speculative generation for a Hugging Face causal LM.
 
     Engine(model, tokenizer, decoding_length=32, branch_length=12, mode="hierarchical", ...)
-    builds a TrieDrafter from the keyword arguments; pass `drafter=` for another one.
+    builds a TrieDrafter from the keyword arguments; pass `drafter=` for another one
+    (anything keeping the contract of drafters.Drafter; `drafters.build` makes one by name).
     adaptive (the default) measures this machine's forward cost at start-up and cuts each
     tree to the size with the best expected tokens per second, down to none (budget.py);
-    adaptive=False verifies every tree whole, `decoding_length` nodes at most.
+    adaptive=False verifies every tree whole, `decoding_length` nodes at most. `cost`: a
+    cost curve to use instead of measuring one (tests, or a curve measured elsewhere).
     """
 
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, adaptive: bool = True,
-                 **drafter_config):
+                 cost: CostModel | None = None, **drafter_config):
         if drafter is not None and drafter_config:
             raise ValueError(f"pass either drafter= or drafter settings, not both (got {sorted(drafter_config)})")
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter if drafter is not None else TrieDrafter(**drafter_config)
+        check_drafter(self.drafter)
         self.config = model.config.get_text_config()
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.context_length = context_length(self.config)
         self.eos_ids = _eos_ids(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         check_tree_attention(model)
-        if hasattr(self.drafter, "bind"):  # a draft model: same vocabulary as the target, or ValueError
-            self.drafter.bind(model, tokenizer)
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
-        self.cost = self.calibration = self.gate = None
+        self.budget: Budget | None = None
         if adaptive and not isinstance(self.drafter, NoDraft):
-            most = getattr(self.drafter, "decoding_length", 64) + 1
-            self.cost = CostModel.of(model, self.config, most)
-            self.calibration = Calibration()
-            self.gate = Gate(self.cost) if is_costly(self.drafter) else None
-            for d in [self.drafter, *getattr(self.drafter, "drafters", ())]:
-                if hasattr(d, "price"):  # a draft model: how deep its trees pay, on this machine
-                    d.price(self.cost)
+            cost = cost or CostModel.of(model, self.config, self.drafter.decoding_length + 1)
+            self.budget = Budget(cost, costly=self.drafter.costly)
+        # the draft models: same vocabulary as the target (or ValueError), priced by the curve
+        self.drafter.bind(model, tokenizer, None if self.budget is None else self.budget.cost)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
@@ -121,38 +119,20 @@ class Engine:
 
         paths = [] if draft_model is None else [draft_model] if isinstance(draft_model, (str, bytes)) or not \
             isinstance(draft_model, Sequence) else list(draft_model)
-        drafter = drafter or ("hybrid" if paths else "trie")
-        if drafter not in ("trie", "model", "hybrid"):
-            raise ValueError(f"drafter must be 'trie', 'model' or 'hybrid', got {drafter!r}")
-        if drafter == "trie" and paths:
-            raise ValueError("a draft model needs drafter='model' or 'hybrid'")
-        if drafter != "trie" and not paths:
-            raise ValueError(f"drafter={drafter!r} needs a draft model (draft_model=PATH)")
-        if drafter == "model" and trie_config:
-            raise ValueError(f"trie settings {sorted(trie_config)} need drafter='trie' or 'hybrid'")
-        if widths is not None and not paths:
-            raise ValueError("widths= is for draft models")
+        name = drafter or ("hybrid" if paths else "trie")
+        if name not in DRAFTERS:
+            raise ValueError(f"unknown drafter {name!r}; one of {', '.join(DRAFTERS)}")
         model, tokenizer = load(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file)
-        if drafter == "trie":
-            return cls(model, tokenizer, adaptive=adaptive, **trie_config)
-        models = []
-        for path in paths:
-            draft, draft_tokenizer = load(path, dtype=dtype, device=device)
-            models.append(ModelDrafter(draft, tokenizer=draft_tokenizer, **({"widths": widths} if widths else {})))
-        if drafter == "model":
-            chosen = models[0] if len(models) == 1 else MergedDrafter(models)
-        else:
-            trie = TrieDrafter(**trie_config)
-            chosen = MergedDrafter([trie, *models], decoding_length=trie.decoding_length)
-        return cls(model, tokenizer, drafter=chosen, adaptive=adaptive)
+        drafts = [load(path, dtype=dtype, device=device) for path in paths]
+        return cls(model, tokenizer, drafter=build(name, drafts, widths=widths, **trie_config), adaptive=adaptive)
 
     def encode(self, prompt) -> list[int]:
         """A string, a list of token ids, or chat messages ([{"role": ..., "content": ...}])."""
         if isinstance(prompt, str):
-            self._need_tokenizer("a text prompt")
+            self.require_tokenizer("a text prompt")
             ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-            self._need_tokenizer("chat messages")
+            self.require_tokenizer("chat messages")
             ids = chat_ids(self.tokenizer, prompt)
         elif isinstance(prompt, (Sequence, torch.Tensor)):
             ids = [int(t) for t in (prompt.flatten().tolist() if isinstance(prompt, torch.Tensor) else prompt)]
@@ -191,8 +171,8 @@ class Engine:
         limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts")
-        rows = [self._row(p, n, stop, sampling) for p, n in zip(prompts, limits)]
-        for step in _Batch(self, rows):
+        rows = [self.row(p, n, stop, **sampling) for p, n in zip(prompts, limits)]
+        for step in Batch(self, rows):
             if streamer is not None:
                 streamer.put(torch.tensor(step[0][1]))
         if streamer is not None:
@@ -208,12 +188,15 @@ class Engine:
         string; the pieces join to exactly `generate(...).text`. Arguments are checked
         here, before the first piece; `.result()` gives the Generation afterwards.
         """
-        self._need_tokenizer("streaming text")
+        self.require_tokenizer("streaming text")
         if _is_batch(prompt):
             raise ValueError("stream takes one prompt, not a batch")
-        return Stream(self._row(prompt, max_new_tokens, stop, sampling))
+        return Stream(self.row(prompt, max_new_tokens, stop, **sampling))
 
-    def _row(self, prompt, max_new_tokens, stop, sampling: dict) -> _Row:
+    def row(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
+                **sampling) -> BatchRow:
+        """One prompt's generation, its arguments checked (ValueError), not started: what
+        `generate` runs, and what a server hands to a `Batch` of its own."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         unknown = set(sampling) - SAMPLING_ARGS
@@ -221,7 +204,7 @@ class Engine:
             raise ValueError(f"unknown generation arguments {sorted(unknown)}; supported: {sorted(SAMPLING_ARGS)}")
         settings = sampling_settings(self.model.generation_config, **sampling)
         stops = _StopChecker(self.eos_ids, stop, self.tokenizer)
-        return _Row(self, self.encode(prompt), max_new_tokens, stops, settings)
+        return BatchRow(self, self.encode(prompt), max_new_tokens, stops, settings)
 
     def _forward(self, rows: list[Row], width: int, cache: DynamicCache) -> tuple[list[torch.Tensor], list[int]]:
         """One forward over every row's pending tokens and tree.
@@ -236,12 +219,12 @@ class Engine:
         starts = [width + offset for offset in packed.offsets]
         return [logits[b, keep - len(r.tree) - 1 :] for b, r in enumerate(rows)], starts
 
-    def _need_tokenizer(self, what: str) -> None:
+    def require_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer: pass one to Engine, or give token ids")
 
 
-class _Row:
+class BatchRow:
     """One prompt's generation: its tokens, KV length, drafting session and stats."""
 
     def __init__(self, engine: Engine, ids: list[int], max_new_tokens: int, stops: _StopChecker, sampling: Sampling):
@@ -256,32 +239,27 @@ class _Row:
         self.session = None
         self.tree = TokenTree()
         self.watch: list[Watched] = []  # proposed trees the calibration still learns from
-        self.cancelled = False  # set by _Batch.cancel: leave at the next step
+        self.cancelled = False  # set by Batch.cancel: leave at the next step
         self.drafted, self.step_draft = False, 0.0  # this step: whether the drafter ran, and its time
         self.started = time.perf_counter()  # when the row joined its batch
 
-    def draft(self, costly: bool = True) -> None:
-        """Propose this step's tree; costly=False (the gate says drafting does not pay)
-        leaves out drafters that cost forwards (draft models)."""
+    def draft(self, allow_costly=None) -> None:
+        """Propose this step's tree; `allow_costly` (the budget's gate, drafters.base.Allow)
+        says whether drafters that cost forwards (draft models) run."""
         t0 = time.perf_counter()
         engine = self.engine
         if self.session is None:
-            self.session = begin_session(engine.drafter, self.ids, self.sampling)
+            self.session = engine.drafter.begin(self.ids, self.sampling)
+        ran = []  # whether the costly drafters were let run
+
+        def allow(cheap: TokenTree) -> bool:
+            ran.append(allow_costly(cheap))
+            return ran[-1]
+
         # every token past the limit would be thrown away
-        budget = dict(max_nodes=engine.context_length, max_depth=self.limit - len(self.out) - 1)
-        self.drafted = costly
-        hybrid = hasattr(self.session, "propose_cheap")  # merged: the cheap drafters (a trie) go first
-        if costly and hybrid and engine.gate is not None:
-            # the draft models run only when the cheap drafters' tree is not already worth as much
-            gate, calibration = engine.gate, engine.calibration
-            self.tree = self.session.propose(**budget, enough=lambda tree: gate.enough(1 + worth(tree, calibration)))
-            self.drafted = self.session.ran_costly
-        elif costly:
-            self.tree = self.session.propose(**budget)
-        elif hybrid:  # the gate says the draft models do not pay: the trie still drafts
-            self.tree = self.session.propose_cheap(**budget)
-        else:
-            self.tree = TokenTree()
+        self.tree = self.session.propose(engine.context_length, self.limit - len(self.out) - 1,
+                                         None if allow_costly is None else allow)
+        self.drafted = engine.drafter.costly and (allow_costly is None or any(ran))
         if self.cuttable:
             self.watch.append(Watched(len(self.seq), self.tree))  # the cut fills in size and expected tokens
         self.step_draft = time.perf_counter() - t0
@@ -290,11 +268,11 @@ class _Row:
     @property
     def cuttable(self) -> bool:
         """Whether the adaptive budget may cut this step's tree (it needs the drafter's scores)."""
-        return self.engine.cost is not None and self.tree.scores is not None and len(self.tree) > 0
+        return self.engine.budget is not None and self.tree.scores is not None and len(self.tree) > 0
 
     def cut(self, size: int) -> None:
         watched = self.watch[-1]
-        watched.size, watched.expected = size, expected_tokens(self.tree, size, self.engine.calibration)
+        watched.size, watched.expected = size, expected_tokens(self.tree, size, self.engine.budget.calibration)
         cut = self.tree.prefix(max_nodes=size)
         if cut.draft_probs is not None:
             # The cut looked at the scores of the drawn tokens, so whatever it kept (the whole
@@ -307,7 +285,7 @@ class _Row:
     def _score_watched(self) -> None:
         """Teach the calibration what became of every proposed tree, verified or cut."""
         finished = self.finish is not None
-        self.watch = [w for w in self.watch if not w.update(self.engine.calibration, self.seq, finished)]
+        self.watch = [w for w in self.watch if not w.update(self.engine.budget.calibration, self.seq, finished)]
 
     def verify(self, logits: torch.Tensor) -> Verdict:
         """logits: [1 + n, V] for the root and the tree's nodes."""
@@ -351,7 +329,7 @@ class _Row:
         return Generation(self.stops.text(self.engine.tokenizer, self.out), self.out, self.finish, self.stats)
 
 
-class _Batch:
+class Batch:
     """Rows decoded together: iterating runs one step (one forward) at a time and yields
     each row's new tokens [(row, tokens), ...]; rows leave the batch when they finish.
 
@@ -360,22 +338,22 @@ class _Batch:
     `step` runs one forward over whoever is in.
     """
 
-    def __init__(self, engine: Engine, rows: Sequence[_Row] = ()):
+    def __init__(self, engine: Engine, rows: Sequence[BatchRow] = ()):
         self.engine, self.rows = engine, list(rows)
-        self.active: list[_Row] = []
+        self.active: list[BatchRow] = []
         self.cache, self.width = DynamicCache(), 0  # width: cache length shared by the rows
         for row in rows:
             self.add(row)
         self._steps = self._run()  # one run, however it is consumed
 
-    def __iter__(self) -> Iterator[list[tuple[_Row, list[int]]]]:
+    def __iter__(self) -> Iterator[list[tuple[BatchRow, list[int]]]]:
         return self._steps
 
     def __len__(self) -> int:
         return len(self.active)
 
     @torch.inference_mode()
-    def add(self, row: _Row) -> None:
+    def add(self, row: BatchRow) -> None:
         """Join between steps, with nothing cached: one more cache row, all hole (zeros the
         mask hides, since `pack` lets a row see only its own first `past` entries)."""
         if row.past or row.finish is not None or row in self.active:
@@ -390,35 +368,38 @@ class _Batch:
         if row not in self.rows:
             self.rows.append(row)
 
-    def cancel(self, row: _Row) -> None:
+    def cancel(self, row: BatchRow) -> None:
         """The row leaves at the next step (as "abort"), whatever it was doing."""
         row.cancelled = True
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[_Row, list[int]]]:
+    def step(self) -> list[tuple[BatchRow, list[int]]]:
         """One forward for every active row; returns each row's new tokens."""
         self._leave([b for b, row in enumerate(self.active) if row.cancelled])
         active, engine = self.active, self.engine
         if not active:
             return []
-        # 1. draft, per row
-        costly = engine.gate is None or engine.gate.wanted()  # one decision per step, for every row
+        budget = engine.budget
+        # 1. draft, per row (whether draft models run: one decision per step, for every row)
+        allow_costly = None if budget is None else budget.allow_costly()
         for row in active:
-            row.draft(costly)
-        if engine.cost is not None:
+            row.draft(allow_costly)
+        # 2. cut each tree to what pays, given what the whole batch feeds
+        if budget is not None:
             self._cut()
-        # 2. forward every row's pending tokens and tree together
+        # 3. forward every row's pending tokens and tree together
         t0 = time.perf_counter()
         logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], self.width, self.cache)
         model_time = time.perf_counter() - t0
-        if engine.cost is not None:
-            engine.cost.observe(sum(len(r.pending) + len(r.tree) for r in active), model_time, self.width)
-        # 3. verify: accepted draft tokens + the bonus token, per row
+        # 4. verify: accepted draft tokens + the bonus token, per row
         verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
-        # 4. commit the accepted paths' KV, drop the rest
-        if engine.gate is not None and len(active) == 1 and active[0].drafted:
-            row = active[0]
-            engine.gate.observe(len(verdicts[0].tokens), len(row.pending), row.step_draft, model_time)
+        if budget is not None:
+            drafted = None
+            if all(row.drafted for row in active):  # the gate learns what drafting every row gave
+                drafted = (sum(len(v.tokens) for v in verdicts), sum(len(r.pending) for r in active),
+                           sum(r.step_draft for r in active), len(active))
+            budget.observe(sum(len(r.pending) + len(r.tree) for r in active), model_time, self.width, drafted)
+        # 5. commit the accepted paths' KV, drop the rest
         kept = []
         for row, verdict, first in zip(active, verdicts, starts):  # first: the row's first new entry
             kept.append((row.past, [first + i for i in range(len(row.pending))]
@@ -426,7 +407,7 @@ class _Batch:
             row.past += len(row.pending) + len(verdict.nodes)
             row.pending = verdict.tokens[-1:]
         self.width = keep_paths(self.cache, kept)
-        # 5. emit, stopping where plain decoding stops; 6. learn
+        # 6. emit, stopping where plain decoding stops; 7. learn
         step = [(row, row.emit(verdict)) for row, verdict in zip(active, verdicts)]
         for row in active:
             row.stats.model_time += model_time
@@ -442,8 +423,8 @@ class _Batch:
         if not rows:
             return
         fed = sum(len(r.pending) + (0 if r in rows else len(r.tree)) for r in self.active)
-        sizes = best_sizes([row.tree for row in rows], fed, engine.cost, engine.calibration,
-                           others=len(self.active) - len(rows), context=self.width)
+        sizes = engine.budget.plan([row.tree for row in rows], fed, others=len(self.active) - len(rows),
+                                   context=self.width)
         for row, size in zip(rows, sizes):
             row.cut(size)
         spent = (time.perf_counter() - t0) / len(rows)
@@ -463,7 +444,7 @@ class _Batch:
         else:
             self.cache, self.width = DynamicCache(), 0
 
-    def _run(self) -> Iterator[list[tuple[_Row, list[int]]]]:
+    def _run(self) -> Iterator[list[tuple[BatchRow, list[int]]]]:
         try:
             while self.active:
                 yield self.step()
@@ -475,10 +456,10 @@ class _Batch:
 class Stream:
     """Text pieces of one generation, as they are accepted."""
 
-    def __init__(self, row: _Row):
+    def __init__(self, row: BatchRow):
         self.row = row
-        self._steps = _Batch(row.engine, [row])
-        self._text = _TextStream(row.engine.tokenizer, row.stops.stop)
+        self._steps = Batch(row.engine, [row])
+        self._text = TextStream(row.engine.tokenizer, row.stops.stop)
 
     def __iter__(self) -> Iterator[str]:
         for [(_, new)] in self._steps:
@@ -493,7 +474,7 @@ class Stream:
         return self.row.result()
 
 
-class _TextStream:
+class TextStream:
     """Decoded text of a growing token list, released only when it is final: no half
     characters, nothing that could still turn out to be the start of a stop string."""
 
@@ -575,39 +556,6 @@ def _eos_ids(model) -> set[int]:
     if eos is None:
         return set()
     return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
-
-
-@torch.inference_mode()
-def check_tree_attention(model) -> None:
-    """Refuse a model whose attention does not honour a 4-D tree mask.
-
-    Feeds [a, b, c] with c a sibling of b (same position, must not see b) and compares
-    c's logits with [a, c] fed as a plain sequence.
-    """
-    name = f"{type(model).__name__} (attention {model.config._attn_implementation!r})"
-    config = model.config.get_text_config()
-    try:
-        attention_layout(config)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        a, b, c = 1 % vocab, 2 % vocab, 3 % vocab
-
-        def last_logits(tree: TokenTree) -> torch.Tensor:
-            packed = pack([Row([a], tree, 0)], 0, model.dtype, config, model.device)
-            return forward(model, packed, DynamicCache()).logits[0, -1].float()
-
-        tree_logits = last_logits(TokenTree((b, c), (-1, -1)))
-        chain_logits = last_logits(TokenTree.chain([c]))
-    except ValueError as e:
-        raise ValueError(f"{name} cannot take a tree attention mask: {e}") from e
-    except Exception as e:  # any failure here means the model cannot be driven this way
-        raise ValueError(f"{name} cannot take a 4-D attention mask with explicit position ids: {e}") from e
-    tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
-    error = ((tree_logits - chain_logits).norm() / chain_logits.norm().clamp_min(1e-6)).item()
-    if not error <= tolerance:
-        raise ValueError(
-            f"{name} ignores the 4-D tree attention mask (relative logit error {error:.2g}); "
-            "use attn_implementation='sdpa' or 'eager'"
-        )
 
 
 __all__ = ["Engine", "Generation", "Stats", "NoDraft", "check_tree_attention"]

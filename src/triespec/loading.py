@@ -60,7 +60,7 @@ def load(name_or_path: str | os.PathLike, dtype="auto", device: str = "cpu", ggu
     if path.is_dir() and gguf_file is None and not (path / "config.json").is_file():
         raise ValueError(f"cannot load model {source!r}: the folder has no config.json")
     if gguf_file is None and path.is_file() and source.endswith(".gguf"):
-        source = str(_dense_copy(path))
+        source = str(dense_copy(path))
     elif path.exists():
         source = str(path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -98,7 +98,7 @@ def dense_path(gguf: Path) -> Path:
     return cache_dir() / "dense" / f"{gguf.stem}-{key}"
 
 
-def _dense_copy(gguf: Path) -> Path:
+def dense_copy(gguf: Path) -> Path:
     """A folder with the dequantised weights of `gguf`, made once and cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from transformers import DynamicCache
 
 from .tree import TokenTree
 
@@ -125,3 +126,36 @@ def context_length(config) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 1 << 30  # no stated limit
+
+
+@torch.inference_mode()
+def check_tree_attention(model) -> None:
+    """Refuse a model whose attention does not honour a 4-D tree mask.
+
+    Feeds [a, b, c] with c a sibling of b (same position, must not see b) and compares
+    c's logits with [a, c] fed as a plain sequence.
+    """
+    name = f"{type(model).__name__} (attention {model.config._attn_implementation!r})"
+    config = model.config.get_text_config()
+    try:
+        attention_layout(config)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        a, b, c = 1 % vocab, 2 % vocab, 3 % vocab
+
+        def last_logits(tree: TokenTree) -> torch.Tensor:
+            packed = pack([Row([a], tree, 0)], 0, model.dtype, config, model.device)
+            return forward(model, packed, DynamicCache()).logits[0, -1].float()
+
+        tree_logits = last_logits(TokenTree((b, c), (-1, -1)))
+        chain_logits = last_logits(TokenTree.chain([c]))
+    except ValueError as e:
+        raise ValueError(f"{name} cannot take a tree attention mask: {e}") from e
+    except Exception as e:  # any failure here means the model cannot be driven this way
+        raise ValueError(f"{name} cannot take a 4-D attention mask with explicit position ids: {e}") from e
+    tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
+    error = ((tree_logits - chain_logits).norm() / chain_logits.norm().clamp_min(1e-6)).item()
+    if not error <= tolerance:
+        raise ValueError(
+            f"{name} ignores the 4-D tree attention mask (relative logit error {error:.2g}); "
+            "use attn_implementation='sdpa' or 'eager'"
+        )

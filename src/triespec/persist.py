@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .drafters.trie import Node, Trie, _gc_paused
+from .drafters.trie import Node, Trie, gc_paused
 
 MAGIC = "triespec-trie"
 VERSION = 1
@@ -137,7 +137,7 @@ def _check_arrays(path, parent: np.ndarray, token: np.ndarray, count: np.ndarray
 def _build(parent: np.ndarray, token: np.ndarray, count: np.ndarray, max_nodes: int | None) -> Trie:
     trie = Trie(max_nodes)
     nodes: list[Node] = []
-    with _gc_paused():
+    with gc_paused():
         for p, t, c in zip(parent.tolist(), token.tolist(), count.tolist()):
             up = trie.root if p < 0 else nodes[p]
             if up.children is None:
@@ -160,10 +160,9 @@ def warm(engine, path: str | os.PathLike) -> int:
     before it.
     """
     drafter = engine.drafter
-    if not hasattr(drafter, "learn_text"):
+    if drafter.memory is None:
         raise ValueError(f"{type(drafter).__name__} has no memory to warm")
-    engine._need_tokenizer("warming from text")
-    tail = getattr(drafter, "match_length", 0)
+    engine.require_tokenizer("warming from text")
     count = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -172,10 +171,10 @@ def warm(engine, path: str | os.PathLike) -> int:
             try:
                 prompt, answer = _example(json.loads(line))
                 ids = engine.tokenizer(answer, add_special_tokens=False)["input_ids"]
-                context = engine.encode(prompt)[-tail:] if prompt is not None and tail else []
+                context = engine.encode(prompt) if prompt is not None else []
             except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
                 raise ValueError(f"{path}, line {number}: {e}") from e
-            drafter.learn_text(context + ids)
+            drafter.learn_text(ids, context)
             count += 1
     return count
 

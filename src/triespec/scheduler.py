@@ -1,6 +1,6 @@
 """One thread that owns the engine's batch: requests join and leave between steps.
 
-Every request is a row of one `_Batch`, so concurrent requests share each forward pass
+Every request is a row of one `Batch`, so concurrent requests share each forward pass
 and the drafter's memory trie (which only this thread touches). Callers hand in a row
 and a `deliver(tokens, finish)` callback, called on this thread after every step that
 gave the row tokens (`finish` is None until the last call, then "stop"/"length"), or
@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable
 
-from .engine import Engine, _Batch, _Row
+from .engine import Engine, Batch, BatchRow
 
 log = logging.getLogger("triespec.scheduler")
 
@@ -28,7 +28,7 @@ class QueueFull(Exception):
 
 
 class Ticket:
-    def __init__(self, row: _Row, deliver: Deliver):
+    def __init__(self, row: BatchRow, deliver: Deliver):
         self.row, self.deliver = row, deliver
         self.cancelled = False
 
@@ -38,11 +38,11 @@ class Scheduler:
     (`submit` raises QueueFull beyond it). `on_step(step, seconds)` sees every step."""
 
     def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 64,
-                 on_step: Callable[[list[tuple[_Row, list[int]]], float], None] | None = None):
+                 on_step: Callable[[list[tuple[BatchRow, list[int]]], float], None] | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.engine, self.max_batch, self.max_queue, self.on_step = engine, max_batch, max_queue, on_step
-        self.batch = _Batch(engine)
+        self.batch = Batch(engine)
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.tickets: dict[int, Ticket] = {}  # id(row) -> ticket, for the rows in the batch
         self._calls: list[tuple[Callable, concurrent.futures.Future]] = []
@@ -72,7 +72,7 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, row: _Row, deliver: Deliver) -> Ticket:
+    def submit(self, row: BatchRow, deliver: Deliver) -> Ticket:
         ticket = Ticket(row, deliver)
         with self._wake:
             if self._stopping:
@@ -157,7 +157,7 @@ class Scheduler:
         self.tickets.clear()
         for row in self.batch.active:
             row.end()
-        self.batch = _Batch(self.engine)
+        self.batch = Batch(self.engine)
         for ticket in tickets:
             if not ticket.cancelled:
                 self._deliver(ticket, None, message)

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .engine import Engine, _Row, _TextStream
+from .engine import BatchRow, Engine, TextStream
 from .persist import fingerprint, flatten, load_calibration, load_trie, warm, write_arrays
 from .scheduler import QueueFull, Scheduler
 
@@ -110,9 +110,8 @@ class Metrics:
             lambda: scheduler.queue_depth)
         Gauge("triespec_batch_size", "Rows in the running batch", registry=r).set_function(
             lambda: scheduler.batch_size)
-        memory = getattr(engine.drafter, "memory", None)
         Gauge("triespec_trie_nodes", "Nodes in the shared memory trie", registry=r).set_function(
-            lambda: len(engine.drafter.memory) if memory is not None else 0)
+            lambda: 0 if engine.drafter.memory is None else len(engine.drafter.memory))
         self.trie_bytes = Gauge("triespec_trie_bytes", "Size of the memory trie as last saved", registry=r)
         self._recent: list[tuple[float, int]] = []
 
@@ -140,7 +139,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         raise ValueError("the server needs a tokenizer")
     fp = fingerprint(engine.tokenizer, engine.vocab_size)
     if trie_path is not None or warm_from is not None:
-        if not hasattr(engine.drafter, "memory"):
+        if engine.drafter.memory is None:
             raise ValueError(f"{type(engine.drafter).__name__} keeps no trie to load, save or warm")
     if trie_path is not None and Path(trie_path).exists():
         _load(engine, Path(trie_path), fp)
@@ -304,11 +303,11 @@ async def _stream(reply: _Reply, events: asyncio.Queue, ticket, scheduler: Sched
 class _Reply:
     """OpenAI's response objects for one row."""
 
-    def __init__(self, engine: Engine, row: _Row, model_name: str, chat: bool):
+    def __init__(self, engine: Engine, row: BatchRow, model_name: str, chat: bool):
         self.row, self.model_name, self.chat = row, model_name, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.text = _TextStream(engine.tokenizer, row.stops.stop)
+        self.text = TextStream(engine.tokenizer, row.stops.stop)
 
     def head(self, kind: str) -> dict:
         obj = "text_completion"
@@ -338,7 +337,7 @@ class _Reply:
         return {**self.head("whole"), "choices": [choice], "usage": self.usage()}
 
 
-def _make_row(engine: Engine, prompt, max_tokens: int | None, body: _Request) -> _Row:
+def _make_row(engine: Engine, prompt, max_tokens: int | None, body: _Request) -> BatchRow:
     """The request as an engine row; context and settings checked (APIError 400)."""
     try:
         ids = engine.encode(prompt)
@@ -357,7 +356,7 @@ def _make_row(engine: Engine, prompt, max_tokens: int | None, body: _Request) ->
     if body.temperature > 0:
         sampling.update(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     try:
-        return engine._row(ids, max_tokens, body.stop, sampling)
+        return engine.row(ids, max_tokens, body.stop, **sampling)
     except ValueError as e:
         raise APIError(400, str(e), param="stop" if "stop" in str(e) else None) from e
 
@@ -377,9 +376,9 @@ def _load(engine: Engine, path: Path, fp: str) -> None:
         engine.drafter.memory = load_trie(path, fp, engine.drafter.memory.max_nodes)
         log.info("loaded the trie from %s: %d nodes", path, len(engine.drafter.memory))
         state = load_calibration(path)
-        if state is not None and engine.calibration is not None:
+        if state is not None and engine.budget is not None:
             try:
-                engine.calibration.restore(state)
+                engine.budget.calibration.restore(state)
             except ValueError as e:
                 log.warning("%s: its budget calibration was not used (%s)", path, e)
     except ValueError as e:
@@ -399,8 +398,8 @@ class _Saver:
 
     def take(self):
         """The trie's arrays and the budget's calibration, as they are now (scheduler thread only)."""
-        calibration = self.engine.calibration
-        return flatten(self.engine.drafter.memory), None if calibration is None else calibration.state()
+        budget = self.engine.budget
+        return flatten(self.engine.drafter.memory), None if budget is None else budget.calibration.state()
 
     def write(self, snapshot: int, taken) -> None:
         with self.lock:

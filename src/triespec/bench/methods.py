@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..drafters import DRAFTERS, build as build_drafter
+
 PLAIN = "plain"
 TRANSFORMERS = {
     "plain": {},
     "prompt-lookup": {"prompt_lookup_num_tokens": 10},
     "assisted": {},  # assistant_model added when built
 }
-TRIESPEC = ("trie", "model", "hybrid")
 DEFAULT = ("plain", "prompt-lookup", "trie", "trie:warm", "trie:fixed", "trie:fixed:warm")
 WITH_DRAFT_MODEL = ("assisted", "model", "hybrid", "hybrid:warm")
 MODES = ("hierarchical", "parallel", "single")
@@ -67,8 +68,9 @@ def parse(name: str) -> Spec:
         if opts:
             raise ValueError(f"method {name!r}: {base} takes no options")
         return Spec(name, base)
-    if base not in TRIESPEC:
-        raise ValueError(f"unknown method {name!r}; use {', '.join([*TRANSFORMERS, *TRIESPEC])} (see triespec bench --help)")
+    if base not in DRAFTERS or base == "none":  # every drafter the product builds is a method
+        drafters = [d for d in DRAFTERS if d != "none"]
+        raise ValueError(f"unknown method {name!r}; use {', '.join([*TRANSFORMERS, *drafters])} (see triespec bench --help)")
     warm, adaptive = False, None
     drafter: dict = {}
     for opt in opts:
@@ -143,26 +145,25 @@ class Triespec:
         restarts). Only the drafter's memory starts afresh on each workload, so that no
         workload copies another's answers. A calibration started cold on every workload
         verified nothing on the short answers of qa in fp32, before the evidence came."""
-        if self.engine.calibration is not None and before.engine.calibration is not None:
-            self.engine.calibration = before.engine.calibration
+        if self.engine.budget is not None and before.engine.budget is not None:
+            self.engine.budget.calibration = before.engine.budget.calibration
 
     def prepare(self, corpus: list[list[int]]) -> None:
         """Warm the memory with past answers (token ids), when the spec says so."""
         if not self.spec.warm:
             return
-        learn = getattr(self.engine.drafter, "learn_text", None)
-        if learn is None:
+        if self.engine.drafter.memory is None:
             raise ValueError(f"method {self.spec.name!r}: its drafter has no memory to warm")
         for answer in corpus:
-            learn(answer)
+            self.engine.drafter.learn_text(answer)
 
     def run(self, ids: list[int], max_new_tokens: int) -> Output:
         with _forwards(self.engine.model) as calls:
             t0 = time.perf_counter()
             result = self.engine.generate(ids, max_new_tokens=max_new_tokens)
             seconds = time.perf_counter() - t0
-        cost = self.engine.cost  # None without the adaptive budget
-        curve = None if cost is None else list(zip(cost.sizes, cost.seconds))
+        budget = self.engine.budget  # None without the adaptive budget
+        curve = None if budget is None else list(zip(budget.cost.sizes, budget.cost.seconds))
         return Output(result.token_ids, seconds, list(result.stats.tokens_per_step), result.stats.draft_time,
                       fed=[c.fed for c in calls], cached=[c.cached for c in calls],
                       forward_seconds=[c.seconds for c in calls], curve=curve)
@@ -209,16 +210,8 @@ def build(spec: Spec, model, tokenizer, draft_model=None):
 
 
 def _drafter(spec: Spec, draft_model):
-    from ..drafters import TrieDrafter
-
-    if spec.base == "trie":
-        return TrieDrafter(**spec.drafter)
+    """The product's own drafter for the spec (drafters.build, as Engine.from_pretrained)."""
     try:
-        from ..drafters import MergedDrafter, ModelDrafter
-    except ImportError as e:
-        raise ValueError(f"method {spec.name!r}: this build of triespec has no model drafter") from e
-    if spec.base == "model":
-        if spec.drafter:
-            raise ValueError(f"method {spec.name!r}: trie options do not apply to the model drafter")
-        return ModelDrafter(draft_model)
-    return MergedDrafter([TrieDrafter(**spec.drafter), ModelDrafter(draft_model)])
+        return build_drafter(spec.base, [draft_model] if spec.needs_draft_model else [], **spec.drafter)
+    except ValueError as e:
+        raise ValueError(f"method {spec.name!r}: {e}") from e

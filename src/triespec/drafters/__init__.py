@@ -1,64 +1,81 @@
-"""Drafters propose token trees; the engine verifies them.
+"""Drafters propose token trees; the engine verifies them (the contract: base.py).
 
-A drafter is shared by all requests (it may keep what it learns across them); for each
-request it opens a session:
-
-    session = drafter.begin(prompt_ids)
-    tree = session.propose(max_nodes, max_depth)   # what might come next
-    session.learn(new_ids)                          # what did come next (accepted + bonus)
-    session.end()
-
-A drafter with `accepts_sampling = True` is opened with `begin(prompt_ids, sampling=...)`
-(the request's `Sampling`), so that it may draft under the request's own settings.
-
-Drafts never change the output, only how many tokens one forward pass yields.
+`build(name, draft_models, **settings)` is the one place a drafter is made from a spec:
+`Engine.from_pretrained`, the command line, the server and the benchmark all call it.
+A new drafter is one file with a class keeping the contract, and one line in `DRAFTERS`:
+its name and a function (draft models, settings) -> drafter that refuses, with a
+ValueError, what it cannot take.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import inspect
+from typing import Callable, Sequence
 
-from ..tree import TokenTree
-
-
-class DraftSession(Protocol):
-    def propose(self, max_nodes: int, max_depth: int) -> TokenTree: ...
-
-    def learn(self, new_ids: Sequence[int]) -> None: ...
-
-    def end(self) -> None: ...
+from .base import Drafter, DraftSession, NoDraft, check_drafter
+from .merged import MergedDrafter, merge
+from .model import ModelDrafter
+from .trie import Trie, TrieDrafter
 
 
-class Drafter(Protocol):
-    def begin(self, prompt_ids: Sequence[int]) -> DraftSession: ...
+def _settings(name: str, cls, settings: dict) -> dict:
+    """The settings `cls` takes, or a ValueError naming the ones it does not."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "draft_model", "drafters", "tokenizer"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"drafter {name!r} takes no setting {', '.join(map(repr, unknown))}; "
+                         f"it takes {', '.join(sorted(known))}")
+    return settings
 
 
-class NoDraft:
-    """Plain decoding through the same engine: every tree is empty."""
-
-    def begin(self, prompt_ids):
-        return self
-
-    def propose(self, max_nodes, max_depth):
-        return TokenTree()
-
-    def learn(self, new_ids):
-        pass
-
-    def end(self):
-        pass
+def _none(draft_models: Sequence, **settings) -> Drafter:
+    if draft_models or settings:
+        raise ValueError("drafter 'none' (plain decoding) takes no draft model and no settings")
+    return NoDraft()
 
 
-def begin_session(drafter, prompt_ids: Sequence[int], sampling=None) -> DraftSession:
-    """Open a session, handing the request's sampling settings to drafters that take them."""
-    if getattr(drafter, "accepts_sampling", False):
-        return drafter.begin(prompt_ids, sampling=sampling)
-    return drafter.begin(prompt_ids)
+def _trie(draft_models: Sequence, **settings) -> Drafter:
+    if draft_models:
+        raise ValueError("a draft model needs drafter 'model' or 'hybrid'")
+    return TrieDrafter(**_settings("trie", TrieDrafter, settings))
 
 
-from .trie import Trie, TrieDrafter  # noqa: E402
-from .model import ModelDrafter  # noqa: E402
-from .merged import MergedDrafter, merge  # noqa: E402
+def _models(name: str, draft_models: Sequence, settings: dict) -> list[ModelDrafter]:
+    if not draft_models:
+        raise ValueError(f"drafter {name!r} needs a draft model")
+    return [ModelDrafter(m, tokenizer=t, **_settings(name, ModelDrafter, settings)) for m, t in draft_models]
+
+
+def _model(draft_models: Sequence, **settings) -> Drafter:
+    models = _models("model", draft_models, settings)
+    return models[0] if len(models) == 1 else MergedDrafter(models)
+
+
+def _hybrid(draft_models: Sequence, widths=None, **trie_settings) -> Drafter:
+    """The trie's confident copy spans first, the draft models' nodes fill the rest, all
+    within the trie's decoding_length."""
+    models = _models("hybrid", draft_models, {} if widths is None else {"widths": widths})
+    trie = _trie((), **trie_settings)
+    return MergedDrafter([trie, *models], decoding_length=trie.decoding_length)
+
+
+# name -> (draft models as [(model, tokenizer or None)], **settings) -> Drafter
+DRAFTERS: dict[str, Callable[..., Drafter]] = {
+    "none": _none,
+    "trie": _trie,
+    "model": _model,
+    "hybrid": _hybrid,
+}
+
+
+def build(name: str, draft_models: Sequence = (), **settings) -> Drafter:
+    """The drafter `name` (a key of DRAFTERS) over `draft_models` (loaded models, or
+    (model, tokenizer) pairs so the vocabulary can be checked), with its settings."""
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}; one of {', '.join(DRAFTERS)}")
+    pairs = [m if isinstance(m, tuple) else (m, None) for m in draft_models]
+    return DRAFTERS[name](pairs, **{k: v for k, v in settings.items() if v is not None})
+
 
 __all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter", "ModelDrafter", "MergedDrafter", "merge",
-           "begin_session"]
+           "DRAFTERS", "build", "check_drafter"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..tree import TRIE, TokenTree
-from . import begin_session
+from .base import Allow, Drafter, DraftSession, check_drafter
 
 
-class MergedDrafter:
+class MergedDrafter(Drafter):
     """Runs every drafter each step and merges their trees.
 
     decoding_length: most nodes of the merged tree (default: the largest of the drafters').
@@ -21,69 +21,76 @@ class MergedDrafter:
         that step (they still learn every token).
     """
 
-    accepts_sampling = True
-
-    def __init__(self, drafters: Sequence, decoding_length: int | None = None, confident: float = 0.5):
+    def __init__(self, drafters: Sequence[Drafter], decoding_length: int | None = None, confident: float = 0.5):
         drafters = list(drafters)
         if not drafters:
             raise ValueError("MergedDrafter needs at least one drafter")
+        for d in drafters:
+            check_drafter(d)
         if decoding_length is not None and (not isinstance(decoding_length, int) or decoding_length < 1):
             raise ValueError(f"decoding_length must be an integer >= 1, got {decoding_length!r}")
         if not 0 <= confident <= 1:
             raise ValueError(f"confident must be in [0, 1], got {confident}")
         self.drafters = drafters
-        self.decoding_length = decoding_length or max(getattr(d, "decoding_length", 32) for d in drafters)
+        self.decoding_length = decoding_length or max(d.decoding_length for d in drafters)
         self.confident = confident
+        self.costly = any(d.costly for d in drafters)
 
-    def bind(self, model, tokenizer=None) -> None:
+    @property
+    def memory(self):
+        """The first merged drafter's memory that there is (the trie's)."""
+        return next((d.memory for d in self.drafters if d.memory is not None), None)
+
+    @memory.setter
+    def memory(self, trie) -> None:
+        keeper = next((d for d in self.drafters if d.memory is not None), None)
+        if keeper is None:
+            raise ValueError("none of the merged drafters keeps a memory")
+        keeper.memory = trie
+
+    def bind(self, model, tokenizer=None, cost=None) -> None:
         for d in self.drafters:
-            if hasattr(d, "bind"):
-                d.bind(model, tokenizer)
+            d.bind(model, tokenizer, cost)
 
-    def learn_text(self, token_ids: Sequence[int]) -> None:
+    def learn_text(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> None:
         """Warm the drafters that keep a memory (the trie) with a past answer."""
-        learners = [d for d in self.drafters if hasattr(d, "learn_text")]
+        learners = [d for d in self.drafters if d.memory is not None]
         if not learners:
             raise ValueError("none of the merged drafters keeps a memory to learn from")
         for d in learners:
-            d.learn_text(token_ids)
+            d.learn_text(token_ids, context)
 
     def begin(self, prompt_ids: Sequence[int], sampling=None) -> MergedSession:
-        return MergedSession(self, [begin_session(d, prompt_ids, sampling) for d in self.drafters])
+        return MergedSession(self, [d.begin(prompt_ids, sampling) for d in self.drafters])
 
 
-class MergedSession:
-    def __init__(self, drafter: MergedDrafter, sessions: list):
+class MergedSession(DraftSession):
+    def __init__(self, drafter: MergedDrafter, sessions: list[DraftSession]):
         self.d, self.sessions = drafter, sessions
-        self.ran_costly = False  # whether the last proposal ran the drafters that cost forwards
 
-    def propose(self, max_nodes: int, max_depth: int, enough=None) -> TokenTree:
+    def propose(self, max_nodes: int, max_depth: int, allow_costly: Allow | None = None) -> TokenTree:
         """The merged tree. The drafters that cost no forward (the trie) propose first;
-        `enough(tree)` (the engine's budget) may say their tree is worth as much as a
-        draft model could add, and the costly drafters are then not run. Without it,
+        `allow_costly(tree)` (the engine's budget) may say their tree is worth as much as
+        a draft model could add, and the costly drafters are then not run. Without it,
         they are skipped when the first drafter alone fills the budget with confident
         nodes."""
         budget = min(max_nodes, self.d.decoding_length)
-        costly = [getattr(d, "costly", False) for d in self.d.drafters]
+        costly = [d.costly for d in self.d.drafters]
         trees = [TokenTree() if c else session.propose(budget, max_depth)
                  for c, session in zip(costly, self.sessions)]
         cheap = merge(trees, budget, max_depth, self.d.confident)
-        if enough is None:
+        if not any(costly):
+            return cheap
+        if allow_costly is None:
             first = trees[0].scores or (1.0,) * len(trees[0])
-            skip = sum(s >= self.d.confident for s in first) >= budget
+            run = sum(s >= self.d.confident for s in first) < budget
         else:
-            skip = enough(cheap)
-        self.ran_costly = not skip and any(costly)
-        if not self.ran_costly:
+            run = allow_costly(cheap)
+        if not run:
             return cheap
         trees = [session.propose(budget, max_depth) if c else tree
                  for c, session, tree in zip(costly, self.sessions, trees)]
         return merge(trees, budget, max_depth, self.d.confident)
-
-    def propose_cheap(self, max_nodes: int, max_depth: int) -> TokenTree:
-        """The tree of the drafters that cost no forward (the trie) alone: what the engine
-        asks for while running the costly ones (draft models) does not pay."""
-        return self.propose(max_nodes, max_depth, enough=lambda tree: True)
 
     def learn(self, new_ids: Sequence[int]) -> None:
         for session in self.sessions:

@@ -31,12 +31,14 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..budget import CostModel
 from ..kv import keep_path
-from ..masks import Packed, Row, attention_layout, context_length, forward, pack
+from ..masks import Packed, Row, attention_layout, check_tree_attention, context_length, forward, pack
 from ..tree import MODEL, TokenTree
+from .base import Drafter, DraftSession
 
 
-class ModelDrafter:
+class ModelDrafter(Drafter):
     """Token trees from a small causal LM sharing the target's vocabulary.
 
     draft_model: a loaded Hugging Face causal LM (eval mode, any dtype).
@@ -50,11 +52,10 @@ class ModelDrafter:
         early when no node of a level is, so an unsure draft costs fewer forwards (as
         transformers' assisted generation stops at its assistant_confidence_threshold).
         None (the default): 0.1, or under an adaptive engine what a draft forward costs in
-        target forwards (`price`): expanding a node costs a draft forward and is worth at
+        target forwards (`bind`): expanding a node costs a draft forward and is worth at
         most its path's chance of a token that plain decoding pays a target forward for.
     """
 
-    accepts_sampling = True  # begin() takes the request's sampling settings
     costly = True  # a forward per depth: the engine's gate may skip it while it does not pay
 
     def __init__(self, draft_model, widths: Sequence[int] = (1, 1, 3, 1, 1, 1, 1, 1), tokenizer=None,
@@ -68,14 +69,12 @@ class ModelDrafter:
             raise ValueError(f"min_score must be in [0, 1] or None, got {min_score}")
         if not hasattr(draft_model, "get_output_embeddings") or draft_model.get_output_embeddings() is None:
             raise ValueError(f"draft model {type(draft_model).__name__} is not a causal LM with an output layer")
-        from ..engine import check_tree_attention  # the engine imports the drafters
-
         check_tree_attention(draft_model)
         self.model = draft_model.eval()
         self.tokenizer = tokenizer
         self.widths = widths
         self.sample = sample
-        self.priced = min_score is None  # set by price() under an adaptive engine
+        self.priced = min_score is None  # set by bind() under an adaptive engine
         self.min_score = 0.1 if min_score is None else min_score
         self.config = draft_model.config.get_text_config()
         self.layout = attention_layout(self.config)
@@ -87,22 +86,17 @@ class ModelDrafter:
         self.context_length = context_length(self.config)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(draft_model.forward).parameters
 
-    def bind(self, model, tokenizer=None) -> None:
-        """Check that this draft model speaks the target's vocabulary (the engine calls this)."""
+    def bind(self, model, tokenizer=None, cost=None) -> None:
+        """Check that this draft model speaks the target's vocabulary (ValueError if not).
+        Under an adaptive engine (`cost`: the target's budget.CostModel), expand only nodes
+        whose path is likelier than a draft forward's cost in target forwards, unless
+        min_score was given: a path the draft gives 20% pays for a draft forward that
+        costs a third of a target one for a fifth of a token at best."""
         check_same_vocabulary(self.model, self.tokenizer, model, tokenizer)
         self.target_vocab_size = model.get_output_embeddings().weight.shape[0]
-
-    def price(self, target_cost) -> None:
-        """Under an adaptive engine (target_cost: its budget.CostModel), expand only nodes
-        whose path is likelier than a draft forward's cost in target forwards, unless
-        min_score was given. (On a 2-core CPU in bf16, Qwen2.5-Coder-0.5B's forward costs
-        0.35 of the 1.5B's: at 0.1, a path the draft gave 20% still paid for a forward
-        worth a third of a target token, for a fifth of a token at best.)"""
-        if self.priced:
-            from ..budget import CostModel
-
+        if cost is not None and self.priced:
             own = CostModel.of(self.model, self.config, max(self.widths))
-            self.min_score = min(max(own(1) / target_cost(1), 0.1), 0.9)
+            self.min_score = min(max(own(1) / cost(1), 0.1), 0.9)
 
     def begin(self, prompt_ids: Sequence[int], sampling=None) -> ModelSession:
         return ModelSession(self, prompt_ids, sampling)
@@ -152,7 +146,7 @@ def tree_shape(widths: Sequence[int], budget: int, depth_cap: int) -> list[int]:
     return parents
 
 
-class ModelSession:
+class ModelSession(DraftSession):
     """One request. The draft cache holds `past` committed tokens; `pending` committed
     tokens wait to be fed; after propose() the cache also holds the tree's fed nodes,
     which learn() reduces to the accepted path (and propose() drops, if not)."""
@@ -175,12 +169,12 @@ class ModelSession:
     # --- the protocol ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def propose(self, max_nodes: int, max_depth: int) -> TokenTree:
+    def propose(self, max_nodes: int, max_depth: int, allow_costly=None) -> TokenTree:
         self._drop_speculative()
         d = self.d
         depth_cap = min(max_depth, d.branch_length, d.context_length - len(self.seq))
         shape = tree_shape(d.widths, min(max_nodes, d.decoding_length), depth_cap)
-        if not shape:
+        if not shape or (allow_costly is not None and not allow_costly(TokenTree())):
             return TokenTree()
         root = self._feed_pending()  # [V]
         children: dict[int, list[int]] = {}

@@ -33,6 +33,7 @@ import itertools
 from typing import Iterator, Sequence
 
 from ..tree import COPYING, TRIE, TokenTree
+from .base import Drafter, DraftSession
 
 MODES = ("hierarchical", "parallel", "single")
 # A proposal is of the COPYING kind once this many tokens in a row were on the last
@@ -136,7 +137,7 @@ def _size(node: Node) -> int:
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """Creating nodes by the million triggers the cyclic garbage collector over and over
     (3x the insert time); trie nodes form no cycles, so it has nothing to find there."""
     enabled = gc.isenabled()
@@ -158,7 +159,7 @@ class NgramStream:
         self.epoch = trie.prunes
 
     def feed(self, tokens: Sequence[int]) -> None:
-        with _gc_paused():
+        with gc_paused():
             self._feed(tokens)
 
     def _feed(self, tokens: Sequence[int]) -> None:
@@ -180,7 +181,7 @@ class NgramStream:
             trie.enforce_budget()
 
 
-class TrieDrafter:
+class TrieDrafter(Drafter):
     """Lookahead drafter: multi-branch token trees retrieved from n-gram tries.
 
     decoding_length: most draft tokens per step (tree nodes).
@@ -236,15 +237,17 @@ class TrieDrafter:
         # a full match plus a full branch must fit in one stored n-gram
         return self.match_length + self.branch_length
 
-    def begin(self, prompt_ids: Sequence[int]) -> TrieSession:
+    def begin(self, prompt_ids: Sequence[int], sampling=None) -> TrieSession:
         return TrieSession(self, prompt_ids)
 
-    def learn_text(self, token_ids: Sequence[int]) -> None:
-        """Warm the memory trie with a past answer (or any text worth drafting from)."""
-        NgramStream(self.memory, self.ngram_length).feed(token_ids)
+    def learn_text(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> None:
+        """Warm the memory trie with a past answer (or any text worth drafting from), with
+        the last `match_length` tokens of its prompt, as a session learns it."""
+        lead = list(context)[-self.match_length :] if context else []
+        NgramStream(self.memory, self.ngram_length).feed(lead + list(token_ids))
 
 
-class TrieSession:
+class TrieSession(DraftSession):
     def __init__(self, drafter: TrieDrafter, prompt_ids: Sequence[int]):
         self.drafter = drafter
         self.context = Trie(drafter.max_context_nodes)
@@ -284,7 +287,7 @@ class TrieSession:
                 return
             self.run += 1
 
-    def propose(self, max_nodes: int, max_depth: int) -> TokenTree:
+    def propose(self, max_nodes: int, max_depth: int, allow_costly=None) -> TokenTree:
         d = self.drafter
         self.last = None
         budget, depth_cap = min(max_nodes, d.decoding_length), min(max_depth, d.branch_length)
