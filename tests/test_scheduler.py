@@ -48,7 +48,7 @@ def test_requests_submitted_while_running_get_their_plain_greedy_output():
 def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on(monkeypatch):
     model = tiny_model("llama")
     engine = Engine(model, adaptive=False, decoding_length=8)
-    real, calls = engine._forward, []
+    real, calls = engine.forward, []
 
     def flaky(*args):
         calls.append(1)
@@ -56,7 +56,7 @@ def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on(monkeypatch
             raise RuntimeError("out of memory")
         return real(*args)
 
-    monkeypatch.setattr(engine, "_forward", flaky)
+    monkeypatch.setattr(engine, "forward", flaky)
     scheduler = Scheduler(engine)
     scheduler.start()
     try:

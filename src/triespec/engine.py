@@ -206,18 +206,20 @@ class Engine:
         stops = _StopChecker(self.eos_ids, stop, self.tokenizer)
         return BatchRow(self, self.encode(prompt), max_new_tokens, stops, settings)
 
-    def _forward(self, rows: list[Row], width: int, cache: DynamicCache) -> tuple[list[torch.Tensor], list[int]]:
-        """One forward over every row's pending tokens and tree.
+    def forward(self, rows: list[Row], width: int, cache: DynamicCache) -> tuple[list[torch.Tensor], list[int], float]:
+        """One forward over every row's pending tokens and tree: the one place the decode
+        step runs the model (kernels, masks, positions), so that it can be swapped whole.
 
-        Returns each row's logits [1 + n, V] and where its new entries start in the
-        cache (the layout `pack` chose)."""
+        Returns each row's logits [1 + n, V], where its new entries start in the cache
+        (the layout `pack` chose), and the seconds the forward took."""
+        t0 = time.perf_counter()
         packed = pack(rows, width, self.model.dtype, self.config, self.model.device)
         keep = max(len(r.tree) for r in rows) + 1  # the rows are right-aligned: their logits are last
         kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
         out = forward(self.model, packed, cache, **kwargs)
         logits = out.logits[:, -keep:].float()  # [B, keep, V]
         starts = [width + offset for offset in packed.offsets]
-        return [logits[b, keep - len(r.tree) - 1 :] for b, r in enumerate(rows)], starts
+        return [logits[b, keep - len(r.tree) - 1 :] for b, r in enumerate(rows)], starts, time.perf_counter() - t0
 
     def require_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
@@ -388,9 +390,8 @@ class Batch:
         if budget is not None:
             self._cut()
         # 3. forward every row's pending tokens and tree together
-        t0 = time.perf_counter()
-        logits, starts = engine._forward([Row(r.pending, r.tree, r.past) for r in active], self.width, self.cache)
-        model_time = time.perf_counter() - t0
+        logits, starts, model_time = engine.forward([Row(r.pending, r.tree, r.past) for r in active], self.width,
+                                                    self.cache)
         # 4. verify: accepted draft tokens + the bonus token, per row
         verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
         if budget is not None:
