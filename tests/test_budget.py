@@ -495,3 +495,16 @@ def test_an_adaptive_batch_stays_exact():
     results = engine.generate(prompts, max_new_tokens=30)
     assert [r.token_ids for r in results] == expected
     assert max(max(r.stats.draft_sizes) for r in results) > 0
+
+
+def test_the_gate_learns_from_batches_too():
+    """A batch whose rows all ran the draft model teaches the gate what they gave: the
+    slow wrong drafter is backed off in a batch as it is alone."""
+    model = tiny_model("llama")
+    prompts = [repetitive_prompt(seed) for seed in range(2)]
+    drafter = SlowWrongDrafter()
+    engine = Engine(model, drafter=drafter, cost=CostModel([1, 64], [0.01, 0.01], smoothing=0.0))
+    results = engine.generate(prompts, max_new_tokens=30)
+    assert [r.token_ids for r in results] == [plain_greedy(model, p, 30) for p in prompts]
+    assert engine.budget.gate.seen > 0 and engine.budget.gate.backoff > 1  # it learned drafting loses
+    assert drafter.calls < 2 * results[0].stats.steps / 2

@@ -394,27 +394,37 @@ class Batch:
                                                     self.cache)
         # 4. verify: accepted draft tokens + the bonus token, per row
         verdicts = [row.verify(row_logits) for row, row_logits in zip(active, logits)]
+        # 5. the budget learns what the step cost and gave
         if budget is not None:
-            drafted = None
-            if all(row.drafted for row in active):  # the gate learns what drafting every row gave
-                drafted = (sum(len(v.tokens) for v in verdicts), sum(len(r.pending) for r in active),
-                           sum(r.step_draft for r in active), len(active))
-            budget.observe(sum(len(r.pending) + len(r.tree) for r in active), model_time, self.width, drafted)
-        # 5. commit the accepted paths' KV, drop the rest
-        kept = []
-        for row, verdict, first in zip(active, verdicts, starts):  # first: the row's first new entry
-            kept.append((row.past, [first + i for i in range(len(row.pending))]
-                         + [first + len(row.pending) + i for i in verdict.nodes]))
-            row.past += len(row.pending) + len(verdict.nodes)
-            row.pending = verdict.tokens[-1:]
-        self.width = keep_paths(self.cache, kept)
-        # 6. emit, stopping where plain decoding stops; 7. learn
+            self._observe(verdicts, model_time)
+        # 6. commit the accepted paths' KV, drop the rest
+        self._commit(verdicts, starts)
+        # 7. emit, stopping where plain decoding stops; 8. the drafters learn
         step = [(row, row.emit(verdict)) for row, verdict in zip(active, verdicts)]
         for row in active:
             row.stats.model_time += model_time
             row.stats.total_time = time.perf_counter() - row.started
         self._leave([b for b, row in enumerate(active) if row.finish is not None])
         return step
+
+    def _observe(self, verdicts: list[Verdict], seconds: float) -> None:
+        """The step's cost refines the curve; where every row ran its draft models, what
+        they gave teaches the gate."""
+        active, drafted = self.active, None
+        if all(row.drafted for row in active):
+            drafted = (sum(len(v.tokens) for v in verdicts), sum(len(r.pending) for r in active),
+                       sum(r.step_draft for r in active), len(active))
+        self.engine.budget.observe(sum(len(r.pending) + len(r.tree) for r in active), seconds, self.width, drafted)
+
+    def _commit(self, verdicts: list[Verdict], starts: list[int]) -> None:
+        """Keep each row's pending tokens and accepted nodes in the cache, drop the rest."""
+        kept = []
+        for row, verdict, first in zip(self.active, verdicts, starts):  # first: the row's first new entry
+            kept.append((row.past, [first + i for i in range(len(row.pending))]
+                         + [first + len(row.pending) + i for i in verdict.nodes]))
+            row.past += len(row.pending) + len(verdict.nodes)
+            row.pending = verdict.tokens[-1:]
+        self.width = keep_paths(self.cache, kept)
 
     def _cut(self) -> None:
         """The adaptive budget, over the whole batch: one forward feeds every row, so each
