@@ -81,6 +81,16 @@ def pack(rows: list[Row], width: int, dtype: torch.dtype, layout, device=None) -
         allowed[b, off + k :, new : new + k] = True
         allowed[b, off + k :, new + k :] = row.tree.ancestors
 
+    mask = attention_mask(allowed, positions, kv_positions, layout, dtype, device)
+    return Packed(ids.to(device), positions.to(device), mask, offsets)
+
+
+def attention_mask(allowed: torch.Tensor, positions: torch.Tensor, kv_positions: torch.Tensor, layout,
+                   dtype: torch.dtype, device=None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The 4-D additive mask the model takes, from which query may see which key:
+    allowed [B, T, S] (bool), positions [B, T] of the queries, kv_positions [B, S] of the
+    keys. Sliding-window layers also hide keys `window` or more positions back; a model
+    mixing layer types gets a dict by type. The one place masks are built."""
     types, window = attention_layout(layout)
     masks = {}
     for kind in types:
@@ -88,9 +98,8 @@ def pack(rows: list[Row], width: int, dtype: torch.dtype, layout, device=None) -
         if kind == "sliding_attention" and window:
             ok = allowed & (positions[:, :, None] - kv_positions[:, None, :] < window)
         mask = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)
-        masks[kind] = mask[:, None].to(device)
-    mask = masks[types[0]] if len(types) == 1 else masks
-    return Packed(ids.to(device), positions.to(device), mask, offsets)
+        masks[kind] = mask[:, None].to(device)  # [B, 1, T, S]
+    return masks[types[0]] if len(types) == 1 else masks
 
 
 def forward(model, packed: Packed, cache, **kwargs):

@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from ..budget import CostModel
 from ..kv import keep_path
-from ..masks import Packed, Row, attention_layout, check_tree_attention, context_length, forward, pack
+from ..masks import Packed, Row, attention_mask, check_tree_attention, context_length, forward, pack
 from ..tree import MODEL, TokenTree
 from .base import Drafter, DraftSession
 
@@ -77,7 +77,6 @@ class ModelDrafter(Drafter):
         self.priced = min_score is None  # set by bind() under an adaptive engine
         self.min_score = 0.1 if min_score is None else min_score
         self.config = draft_model.config.get_text_config()
-        self.layout = attention_layout(self.config)
         self.vocab_size = draft_model.get_output_embeddings().weight.shape[0]
         self.target_vocab_size = self.vocab_size  # set by bind()
         full = sum(_level_sizes(widths))
@@ -265,16 +264,10 @@ class ModelSession(DraftSession):
                 allowed[r, self.slot[ancestor]] = True
             allowed[r, start + r] = True
             kv_positions[start + r] = positions[r]
-        types, window = d.layout
-        masks = {}
-        for kind in types:
-            ok = allowed
-            if kind == "sliding_attention" and window:
-                ok = allowed & (positions[:, None] - kv_positions[None, :] < window)
-            mask = torch.zeros(ok.shape, dtype=d.model.dtype).masked_fill_(~ok, torch.finfo(d.model.dtype).min)
-            masks[kind] = mask[None, None].to(d.model.device)  # [1, 1, m, S + m]
+        mask = attention_mask(allowed[None], positions[None], kv_positions[None], d.config, d.model.dtype,
+                              d.model.device)  # [1, 1, m, S + m]
         ids = torch.tensor([[filled[s][0] for s in nodes]], device=d.model.device)
-        packed = Packed(ids, positions[None].to(d.model.device), masks[types[0]] if len(types) == 1 else masks, [0])
+        packed = Packed(ids, positions[None].to(d.model.device), mask, [0])
         out = forward(d.model, packed, self.cache)
         for r, s in enumerate(nodes):
             self.slot[s] = start + r
