@@ -17,8 +17,29 @@ import torch
 from triespec import Engine
 from triespec.loading import default_model_path, load
 
-from speed import PROMPTS  # scripts/ is on the path when run as python scripts/batch_speed.py
-
+PASSAGE = (
+    "Photosynthesis is the process by which green plants, algae and some bacteria convert light energy "
+    "into chemical energy. During photosynthesis, light energy is captured by chlorophyll and used to "
+    "convert water and carbon dioxide into glucose and oxygen. The process takes place mainly in the "
+    "chloroplasts of leaf cells. The light-dependent reactions occur in the thylakoid membranes, where "
+    "water is split and oxygen is released. The light-independent reactions, known as the Calvin cycle, "
+    "take place in the stroma, where carbon dioxide is fixed into sugars."
+)
+CODE = '''def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    for i in range(len(values) - window + 1):
+        result.append(sum(values[i:i + window]) / window)
+    return result
+'''
+# answers that copy their prompt (a summary, a question on a passage, a code edit) and ones that cannot
+PROMPTS = [
+    f"{PASSAGE}\n\nSummarise the passage above in three sentences.",
+    f"{PASSAGE}\n\nWhere do the light-independent reactions take place, and what happens there?",
+    f"{CODE}\nRewrite this function to add a docstring and type hints.",
+    "Give three tips for staying focused while studying.",
+]
 QUESTIONS = [
     "What is the boiling point of water at sea level?",
     "Name three planets of the solar system.",
@@ -36,7 +57,7 @@ def main():
     args = parser.parse_args()
 
     model, tokenizer = load(args.model or default_model_path(), dtype=args.dtype)
-    texts = (list(PROMPTS.values()) + QUESTIONS) * (args.rows // 8 + 1)
+    texts = (PROMPTS + QUESTIONS) * (args.rows // 8 + 1)
     prompts = [[{"role": "user", "content": t}] for t in texts[: args.rows]]
     ids = [Engine(model, tokenizer).encode(p) for p in prompts]
     n = args.max_new_tokens

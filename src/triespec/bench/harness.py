@@ -95,7 +95,7 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
     _warm_up(model, tokenizer)
     n_warm = config.n_warm or config.n
     plan = {w: W.load(w, config.n, "eval", log=log) for w in config.workloads}
-    prompts = [len(_chat_ids(tokenizer, [{"role": "user", "content": t.turns[0]}])) for ts in plan.values() for t in ts]
+    prompts = [len(chat_prompt(tokenizer, [{"role": "user", "content": t.turns[0]}])) for ts in plan.values() for t in ts]
     curve = cost_curve(model, long_context=max(prompts) + config.max_new_tokens)
     total = sum(len(t.turns) for tasks in plan.values() for t in tasks) * len(specs)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
@@ -120,9 +120,9 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
             for turn, text in enumerate(task.turns):
                 for spec in order:
                     chats[spec.name].append({"role": "user", "content": text})
-                    ids = _chat_ids(tokenizer, chats[spec.name])
+                    ids = chat_prompt(tokenizer, chats[spec.name])
                     out, peak = _measure(lambda: runners[spec.name].run(ids, config.max_new_tokens))
-                    chats[spec.name].append({"role": "assistant", "content": _decode(tokenizer, out.token_ids)})
+                    chats[spec.name].append({"role": "assistant", "content": answer_text(tokenizer, out.token_ids)})
                     history[spec.name].append((ids, out.token_ids))
                     records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
                                           out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids,
@@ -345,7 +345,9 @@ def model_path(name: str | None, log=print) -> str:
     return name
 
 
-def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt the benchmark feeds for a chat: through the chat template, or for a base
+    model (no template) the turns' plain text. A replay rebuilds a run's prompts with it."""
     from ..engine import chat_ids
 
     if getattr(tokenizer, "chat_template", None):
@@ -353,7 +355,8 @@ def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]  # a base model: the plain text
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """An answer's text as the next turn of a chat carries it."""
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -365,15 +368,15 @@ def _answers(model, tokenizer, tasks, max_new_tokens: int) -> list[list[int]]:
         chat = []
         for text in task.turns:
             chat.append({"role": "user", "content": text})
-            out = engine.run(_chat_ids(tokenizer, chat), max_new_tokens).token_ids
-            chat.append({"role": "assistant", "content": _decode(tokenizer, out)})
+            out = engine.run(chat_prompt(tokenizer, chat), max_new_tokens).token_ids
+            chat.append({"role": "assistant", "content": answer_text(tokenizer, out)})
             answers.append(out)
     return answers
 
 
 def _warm_up(model, tokenizer) -> None:
     """One short untimed generation each way, so first-call costs are not measured."""
-    ids = _chat_ids(tokenizer, [{"role": "user", "content": "Say hello."}])
+    ids = chat_prompt(tokenizer, [{"role": "user", "content": "Say hello."}])
     M.Generate(M.parse("plain"), model).run(ids, 4)
     M.Triespec(M.parse("trie"), model, tokenizer).run(ids + ids, 4)
 

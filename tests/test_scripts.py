@@ -1,0 +1,84 @@
+"""The scripts run end to end with their smallest settings and print the figures they promise."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    """The script's standard output; it must exit cleanly. One torch thread: on a shared
+    2-core machine a second one only waits on the first, and these check what the
+    scripts print, not how fast."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_batch_speed():
+    out = run_script("batch_speed.py", "--rows", "2", "--max-new-tokens", "8")
+    for method in ("plain generate, sequential", "triespec, sequential", "triespec, one batch"):
+        line = next(line for line in out.splitlines() if line.startswith(method))
+        seconds, tokens_per_second, ratio, identical = line[len(method):].split()
+        assert float(seconds) > 0 and float(tokens_per_second) > 0 and ratio.endswith("x")
+        assert identical == "2/2"  # every row is its plain output
+
+
+@pytest.mark.slow
+def test_serve_load():
+    out = run_script("serve_load.py", "--clients", "2", "--tokens", "8", "--rounds", "1")
+    [line] = out.splitlines()
+    round_ = json.loads(line)
+    assert round_["identical"] is True and round_["clients"] == 2
+    assert round_["speculative_tokens_per_second"] > 0 and round_["plain_tokens_per_second"] > 0
+    assert round_["ratio"] == pytest.approx(round_["speculative_tokens_per_second"]
+                                            / round_["plain_tokens_per_second"], abs=0.01)
+
+
+def synthetic_run(path: Path) -> None:
+    """A results.json whose plain records carry their prompts: answers that copy their
+    prompt ("copy") and answers that do not ("fresh"), forwards timed at 1.1x the curve."""
+    rng = random.Random(0)
+    sizes = list(range(1, 34))
+    curve = {"context": 64, "sizes": sizes, "seconds": [0.5 + 0.01 * n for n in sizes], "per_context": [0.0, 0.0]}
+    records = []
+    for workload in ("copy", "fresh"):
+        for task in range(3):
+            prompt = [rng.randrange(1, 500) for _ in range(40)]
+            output = prompt[5:35] if workload == "copy" else [rng.randrange(1, 500) for _ in range(30)]
+            cached = [0] + [len(prompt) + i for i in range(len(output) - 1)]
+            fed = [len(prompt)] + [1] * (len(output) - 1)
+            seconds = [1.1 * (0.5 + 0.01 * min(f, 33)) for f in fed]
+            records.append({"workload": workload, "task": f"{workload}/{task}", "turn": 0, "method": "plain",
+                            "prompt_tokens": len(prompt), "prompt_ids": prompt, "token_ids": output,
+                            "fed": fed, "cached": cached, "forward_seconds": seconds})
+    path.write_text(json.dumps({"config": {"model": None, "workloads": ["copy", "fresh"], "n": 3},
+                                "cost_curve": curve, "records": records}))
+
+
+@pytest.mark.slow
+def test_replay_budget(tmp_path):
+    synthetic_run(tmp_path / "results.json")
+    out = run_script("replay_budget.py", str(tmp_path / "results.json"), "--sizes", "4,8")
+    assert "steps charged by the run's timed forwards" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
+            if re.match(r"\| (copy|fresh) \|", line)}
+    assert set(rows) == {"copy", "fresh"}
+    for cells in rows.values():
+        assert len(cells) == 4  # fixed dl=4, fixed dl=8, adaptive, adaptive / best fixed
+        speedups = [float(cell.strip().rstrip("×")) for cell in cells[:3]]
+        # the ratio of the cells as printed, rounded
+        assert float(cells[3]) == pytest.approx(speedups[2] / max(speedups[:2]), rel=0.01)
+    # copying answers pay under this curve (a token fed costs 0.01 s more): every budget beats plain decoding
+    assert all(float(cell.strip().rstrip("×")) > 1.5 for cell in rows["copy"][:3])
