@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -11,6 +12,7 @@ import torch
 from transformers import DynamicCache, StopStringCriteria
 
 from .budget import Calibration, CostModel, Gate, Watched, best_sizes, expected_tokens, is_costly, worth
+from .budget_store import BudgetStore, directory
 from .drafters import Drafter, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, begin_session
 from .kv import keep_paths
 from .masks import Row, attention_layout, context_length, forward, pack
@@ -75,10 +77,13 @@ class Engine:
     adaptive (the default) measures this machine's forward cost at start-up and cuts each
     tree to the size with the best expected tokens per second, down to none (budget.py);
     adaptive=False verifies every tree whole, `decoding_length` nodes at most.
+    budget_cache: where the adaptive budget is kept between runs (budget_store.py): True,
+    the default folder; a folder; False or None, nowhere (measured at every start).
     """
 
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, adaptive: bool = True,
-                 **drafter_config):
+                 budget_cache: str | os.PathLike | bool | None = True, **drafter_config):
+        directory(budget_cache)  # ValueError for anything but a folder, True, False or None
         if drafter is not None and drafter_config:
             raise ValueError(f"pass either drafter= or drafter settings, not both (got {sorted(drafter_config)})")
         self.model = model
@@ -93,11 +98,13 @@ class Engine:
         if hasattr(self.drafter, "bind"):  # a draft model: same vocabulary as the target, or ValueError
             self.drafter.bind(model, tokenizer)
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
-        self.cost = self.calibration = self.gate = None
+        self.cost = self.calibration = self.gate = self.budget_store = None
         if adaptive and not isinstance(self.drafter, NoDraft):
             most = getattr(self.drafter, "decoding_length", 64) + 1
-            self.cost = CostModel.of(model, self.config, most)
-            self.calibration = Calibration()
+            self.budget_store = BudgetStore.open(budget_cache, model, tokenizer, most)  # None: kept nowhere
+            saved = self.budget_store.load() if self.budget_store is not None else None  # (curve, calibration)
+            self.cost = CostModel.of(model, self.config, most, saved=saved[0] if saved else None)
+            self.calibration = saved[1] if saved else Calibration()
             self.gate = Gate(self.cost) if is_costly(self.drafter) else None
             for d in [self.drafter, *getattr(self.drafter, "drafters", ())]:
                 if hasattr(d, "price"):  # a draft model: how deep its trees pay, on this machine
@@ -106,7 +113,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
                         draft_model=None, drafter: str | None = None, widths=None, adaptive: bool = True,
-                        **trie_config):
+                        budget_cache: str | os.PathLike | bool | None = True, **trie_config):
         """Load a model (hub id, folder or .gguf) and build its drafter.
 
         draft_model: None, or a path / hub id (or a list of them) of small models sharing
@@ -115,6 +122,7 @@ class Engine:
             token trees, merged when several) or "hybrid" (the default with a draft model:
             the trie and the draft models in one tree, within the trie's decoding_length).
         widths: the draft models' expansion widths per depth (default: SpecInfer's).
+        budget_cache: where the adaptive budget is kept between runs (see Engine).
         trie_config: TrieDrafter settings (decoding_length, branch_length, mode, ...).
         """
         from .loading import load
@@ -134,7 +142,7 @@ class Engine:
             raise ValueError("widths= is for draft models")
         model, tokenizer = load(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file)
         if drafter == "trie":
-            return cls(model, tokenizer, adaptive=adaptive, **trie_config)
+            return cls(model, tokenizer, adaptive=adaptive, budget_cache=budget_cache, **trie_config)
         models = []
         for path in paths:
             draft, draft_tokenizer = load(path, dtype=dtype, device=device)
@@ -144,7 +152,7 @@ class Engine:
         else:
             trie = TrieDrafter(**trie_config)
             chosen = MergedDrafter([trie, *models], decoding_length=trie.decoding_length)
-        return cls(model, tokenizer, drafter=chosen, adaptive=adaptive)
+        return cls(model, tokenizer, drafter=chosen, adaptive=adaptive, budget_cache=budget_cache)
 
     def encode(self, prompt) -> list[int]:
         """A string, a list of token ids, or chat messages ([{"role": ..., "content": ...}])."""
@@ -460,6 +468,8 @@ class _Batch:
             self.width = keep_paths(self.cache, [(row.past, []) for row in self.active])  # trim to the longest row
         else:
             self.cache, self.width = DynamicCache(), 0
+            if self.engine.budget_store is not None:  # every row has ended: keep what the budget learned
+                self.engine.budget_store.save(self.engine.cost, self.engine.calibration)
 
     def _run(self) -> Iterator[list[tuple[_Row, list[int]]]]:
         try:
