@@ -121,3 +121,13 @@ def random_tree(rng: random.Random, truth: list[int], size: int, p_true: float =
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def budget_cache(tmp_path_factory, monkeypatch):
+    """Every test keeps its engines' budgets in a folder of its own (never ~/.cache, and no
+    test starts from what another learned); the variable reaches the CLI's subprocesses
+    too. Returns the folder."""
+    folder = tmp_path_factory.mktemp("budget")
+    monkeypatch.setenv("TRIESPEC_BUDGET_CACHE", str(folder))
+    return folder

@@ -74,9 +74,9 @@ def test_cost_model_is_measured_on_the_model():
     assert coarse(12) == pytest.approx((coarse(8) + coarse(16)) / 2)
 
 
-def test_a_burst_of_load_at_start_up_does_not_make_sizes_dear(monkeypatch):
-    # Real steps correct only the sizes the cut feeds: a size timed slow by chance would be
-    # avoided for good. A burst during the first pass over the sizes 2-5 must not stick.
+def test_a_burst_of_load_in_one_pass_does_not_make_sizes_dear(monkeypatch):
+    # Timed in several passes (as the benchmark times its curve), a burst during the first
+    # pass over the sizes 2-5 must not stick.
     real, seen = budget.forward, set()
 
     def bursty(model, packed, cache, logits_to_keep):
@@ -87,7 +87,7 @@ def test_a_burst_of_load_at_start_up_does_not_make_sizes_dear(monkeypatch):
 
     monkeypatch.setattr(budget, "forward", bursty)
     model = tiny_model("llama")
-    cost = CostModel.measure(model, model.config, 8, long_context=64)
+    cost = CostModel.measure(model, model.config, 8, long_context=64, repeats=2, every=8)
     assert seen == {2, 3, 4, 5}
     assert max(cost.seconds[1:5]) < 0.3  # each the faster of two passes
 
@@ -508,3 +508,81 @@ def test_the_gate_learns_from_batches_too():
     assert [r.token_ids for r in results] == [plain_greedy(model, p, 30) for p in prompts]
     assert engine.budget.gate.seen > 0 and engine.budget.gate.backoff > 1  # it learned drafting loses
     assert drafter.calls < 2 * results[0].stats.steps / 2
+
+
+def test_a_cold_start_times_only_a_few_sizes(monkeypatch):
+    fed, real = [], budget.forward
+
+    def counted(model, packed, cache, logits_to_keep):
+        fed.append((logits_to_keep, cache.get_seq_length()))
+        return real(model, packed, cache, logits_to_keep=logits_to_keep)
+
+    monkeypatch.setattr(budget, "forward", counted)
+    model = make_model("llama")
+    engine = Engine(model, decoding_length=32)  # a curve up to 33 tokens
+    timed = [1, 2, 4, 8, 16, 32, 33]
+    long = 256 - 33  # the tiny model's context, the largest tree left room
+    assert fed == [(1, 64)] + [(n, 64) for n in timed] + [(1, long), (1, long), (1, long), (33, long), (33, long)]
+    assert engine.budget.cost.sizes == list(range(1, 34))
+    assert engine.budget.cost.confirmed == [n in timed for n in range(1, 34)]
+
+
+def test_a_first_real_step_confirms_a_size_and_takes_a_lower_time_whole():
+    cost = CostModel([1, 2, 3, 4, 5], [1.0, 2.0, 3.0, 4.0, 5.0], confirmed=[True, True, False, False, True])
+    cost.observe(4, 2.5)  # priced 4.0 on the line: the cut would have avoided it for good
+    assert cost.seconds[3] == 2.5 and cost.confirmed[3]
+    assert cost.seconds[2] == pytest.approx(2.25)  # still unconfirmed: on the line 2 -> 4
+    cost.observe(3, 3.25)  # slower than its line: by smoothing, like any step
+    assert cost.seconds[2] == pytest.approx(2.25 + 0.2 * 1.0) and cost.confirmed[2]
+    cost.observe(3, 1.0)  # confirmed: smoothing both ways
+    assert cost.seconds[2] == pytest.approx(2.45 + 0.2 * (1.0 - 2.45))
+
+
+def test_the_cut_explores_unconfirmed_sizes_one_step_in_n_nearest_first():
+    # Every timed size dear enough that the cut verifies nothing; the sizes between are lines.
+    cost = CostModel(list(range(1, 9)), [1.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+                     confirmed=[n in (1, 2, 4, 8) for n in range(1, 9)], explore_every=4, smoothing=0.0)
+    tree, calibration = scored_chain([0.99 ** k for k in range(1, 8)]), Calibration()
+    fed = []
+    for step in range(40):
+        nodes = best_size(tree, 1, cost, calibration)
+        fed.append(1 + nodes)
+        cost.observe(1 + nodes, cost(1 + nodes))  # a real step, timed as priced
+    explored = [(step, n) for step, n in enumerate(fed) if n != 1]
+    # one cut in four at most, each to the unconfirmed size nearest the best (1 token), once
+    assert explored == [(3, 3), (7, 5), (11, 6), (15, 7)]
+    assert all(cost.confirmed)  # and then never again
+
+
+def test_exploration_picks_the_nearer_side_and_the_smaller_of_two():
+    cost = CostModel(list(range(1, 10)), [float(n) for n in range(1, 10)],
+                     confirmed=[n in (1, 5, 9) for n in range(1, 10)], explore_every=1)
+    assert cost.explore(fed=1, chosen=4, most=8) == 3  # size 5 chosen: 4 and 6 as near, 4 is smaller
+    assert cost.explore(fed=5, chosen=0, most=4) == 1  # 4 out of reach (5 tokens fed anyway): 6
+    assert cost.explore(fed=1, chosen=0, most=8) == 1  # from 1: 2, then 3 ...
+    assert cost.explore(fed=1, chosen=6, most=8) == 6  # an unconfirmed choice (7): its own step confirms it
+    assert cost.explore(fed=9, chosen=0, most=5) == 0  # nothing unconfirmed in reach: the choice
+
+
+def test_an_engine_explores_within_its_bound_and_stays_exact(monkeypatch):
+    model = make_model("llama", seed=3)
+    engine = Engine(model, decoding_length=16, branch_length=6)
+    engine.budget.cost.explore_every = 4
+    calls, explore = [], engine.budget.cost.explore
+
+    def watched(fed, chosen, most):
+        confirmed = list(engine.budget.cost.confirmed)
+        nodes = explore(fed, chosen, most)
+        calls.append((fed, chosen, nodes, confirmed))
+        return nodes
+
+    monkeypatch.setattr(engine.budget.cost, "explore", watched)
+    for seed in range(4):
+        prompt = repetitive_prompt(seed)
+        assert engine.generate(prompt, max_new_tokens=40).token_ids == plain_greedy(model, prompt, 40)
+    explored = [i for i, (fed, chosen, nodes, _) in enumerate(calls) if nodes != chosen]
+    assert explored and all(b - a >= 4 for a, b in zip(explored, explored[1:]))
+    for i in explored:
+        fed, chosen, nodes, confirmed = calls[i]
+        assert not confirmed[fed + nodes - 1]  # a size the curve had not confirmed
+        assert engine.budget.cost.confirmed[fed + nodes - 1]  # which the step then confirmed

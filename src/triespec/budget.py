@@ -5,9 +5,10 @@ nodes yields 1 + (expected accepted tokens) tokens and costs cost(k + m) seconds
 tree is cut to the m that maximises that ratio, m = 0 included; in a batch, the rows'
 nodes compete for one forward (`best_sizes`).
 
-- `CostModel`: seconds per forward by tokens fed, measured on this machine at start-up
-  and refined from real steps (the curve differs by hardware and dtype: on a CPU without
-  AMX in fp32, 2 tokens cost 2.2x one token; on a GPU, about 1x).
+- `CostModel`: seconds per forward by tokens fed, measured on this machine at a cold
+  start (a few sizes), refined from real steps and kept on disk (budget_store; the curve
+  differs by hardware and dtype: on a CPU without AMX in fp32, 2 tokens cost 2.2x one
+  token; on a GPU, about 1x).
 - `Calibration`: how often a node is accepted when its parent is, by the drafter's
   edge probability and the node's depth, learned from every proposed tree, including
   the ones that were cut and never verified: a tree is scored afterwards against the
@@ -57,13 +58,22 @@ class CostModel:
     curve got 3.08x plain decoding, one deciding by the interpolated curve 2.82x."""
 
     def __init__(self, sizes: list[int], seconds: list[float], smoothing: float = 0.2, context: int = 0,
-                 per_context: tuple[float, float] = (0.0, 0.0)):
+                 per_context: tuple[float, float] = (0.0, 0.0), confirmed: list[bool] | None = None,
+                 explore_every: int = 16):
         if len(sizes) != len(seconds) or not sizes or sorted(sizes) != sizes:
             raise ValueError("CostModel needs ascending sizes with one time each")
         if len(per_context) != 2 or min(per_context) < 0:
             raise ValueError(f"per_context must be two seconds per cached token >= 0, got {per_context}")
+        if confirmed is not None and len(confirmed) != len(sizes):
+            raise ValueError(f"confirmed needs one flag per size ({len(sizes)}), got {len(confirmed)}")
+        if explore_every < 1:
+            raise ValueError(f"explore_every must be >= 1, got {explore_every}")
         self.sizes, self.seconds, self.smoothing = list(sizes), list(seconds), smoothing
         self.context, self.per_context = context, tuple(per_context)
+        # confirmed: the size's time comes from a forward of exactly that size (timed, or a real
+        # step); the others are the line between the confirmed sizes around them
+        self.confirmed = [True] * len(sizes) if confirmed is None else [bool(c) for c in confirmed]
+        self.explore_every, self.unexplored = explore_every, 0  # unexplored: cuts since the last exploration
 
     def __call__(self, tokens: int, context: int | None = None) -> float:
         """Seconds for a forward over `tokens` tokens after `context` cached tokens (None:
@@ -91,7 +101,14 @@ class CostModel:
         times (in bf16, 32 tokens at 1.8x one token against 2.2x timed best of five). The step's
         `context` is priced by `per_context` first, so a long prompt's steps do not make
         the short ones look slow. Beyond the largest measured size there is nothing to
-        refine."""
+        refine.
+
+        The first real step of a size not confirmed yet confirms it, and takes its time
+        whole where it is faster than the line said: a size priced too dear is one the cut
+        avoids, so nothing else would ever bring it down. Where it is slower, it moves by
+        `smoothing` like any other (the cut keeps feeding a size that looks cheap, and the
+        steps that follow bring it up; one slow step must not make it dear for good). The
+        sizes still unconfirmed then follow the line between their confirmed neighbours."""
         s = self.sizes
         if tokens <= s[0]:
             shares = [(0, 1.0)]
@@ -102,36 +119,91 @@ class CostModel:
             w = (tokens - s[hi - 1]) / (s[hi] - s[hi - 1])
             shares = [(hi - 1, 1.0 - w), (hi, w)]
         error = seconds - self(tokens, context)
-        for i, share in shares:
-            self.seconds[i] += self.smoothing * share * error
+        exact = shares[-1][0] if s[shares[-1][0]] == tokens else None
+        if exact is not None and not self.confirmed[exact]:
+            self.seconds[exact] += error if error < 0 else self.smoothing * error
+            self.confirmed[exact] = True
+        else:
+            for i, share in shares:
+                self.seconds[i] += self.smoothing * share * error
+        if not all(self.confirmed):
+            self._fill()
+
+    def _is_confirmed(self, tokens: int) -> bool:
+        """Whether a forward of `tokens` tokens is priced by a confirmed size, or by none that
+        a step could confirm (beyond the curve, between the sizes of a sparse one)."""
+        i = bisect.bisect_left(self.sizes, tokens)
+        return i == len(self.sizes) or self.sizes[i] != tokens or self.confirmed[i]
+
+    def _fill(self) -> None:
+        """Put every unconfirmed size between two confirmed ones on the line between them."""
+        known = [i for i, c in enumerate(self.confirmed) if c]
+        for lo, hi in zip(known, known[1:]):
+            for i in range(lo + 1, hi):
+                w = (self.sizes[i] - self.sizes[lo]) / (self.sizes[hi] - self.sizes[lo])
+                self.seconds[i] = self.seconds[lo] + w * (self.seconds[hi] - self.seconds[lo])
+
+    def explore(self, fed: int, chosen: int, most: int) -> int:
+        """How many draft nodes a cut verifies: `chosen` (the best by the curve) out of
+        `most` available, `fed` tokens being fed besides; except that once every
+        `explore_every` cuts, if the chosen size is confirmed and a size the curve has not
+        confirmed lies within reach (fed .. fed + most), as many as make the forward that
+        size, the one nearest the chosen size (the smaller of two as near).
+
+        Real steps correct only the sizes the cut feeds, and the cut avoids the sizes
+        priced dear, so a size priced by a line drawn between two timed sizes (a cold start
+        times a few: `measure`) would never be tried where the line is wrong. Such a step
+        yields the same tokens as any other (verification keeps exactly what the model
+        computes, whatever is verified), and what it may cost is bounded: at most one cut
+        in `explore_every`, a size next to the best one among those not confirmed, and,
+        since a step of exactly that size confirms it (`observe`), at most one exploring
+        step per unconfirmed size over the curve's life (which goes on on disk:
+        budget_store); none once every size within reach is confirmed."""
+        self.unexplored += 1
+        target, best = fed + chosen, None
+        if self.unexplored < self.explore_every or not self._is_confirmed(target):
+            return chosen  # not yet, or an unconfirmed choice, which its own step confirms
+        for size, confirmed in zip(self.sizes, self.confirmed):
+            if not confirmed and fed <= size <= fed + most \
+                    and (best is None or abs(size - target) < abs(best - target)):
+                best = size
+        if best is None:
+            return chosen
+        self.unexplored = 0
+        return best - fed
 
     @classmethod
-    def of(cls, model, config, max_tokens: int) -> CostModel:
-        """The model's cost curve, measured once per process: engines of one model share it
-        (the curve belongs to the model and the machine, and is refined by every engine)."""
+    def of(cls, model, config, max_tokens: int, saved: CostModel | None = None) -> CostModel:
+        """The model's cost curve, once per process: engines of one model share it (the
+        curve belongs to the model and the machine, and is refined by every engine). The
+        first engine takes the curve `saved` on disk (budget_store) if there is one, else
+        measures it."""
         curves = _MEASURED.setdefault(model, {})
         if max_tokens not in curves:
-            curves[max_tokens] = cls.measure(model, config, max_tokens)
+            curves[max_tokens] = saved if saved is not None else cls.measure(model, config, max_tokens)
         return curves[max_tokens]
 
     @classmethod
     @torch.inference_mode()
-    def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 2,
-                long_context: int = 1024, every: int = 16) -> CostModel:
-        """Time forwards of 1, 2, 3, ... `every` tokens and then of doubling sizes up to
+    def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 1,
+                long_context: int = 1024, every: int = 2) -> CostModel:
+        """Time forwards of 1, 2, ... `every` tokens and then of doubling sizes up to
         `max_tokens`, after `context` cached tokens, each the fastest of `repeats` passes
         over all the sizes; and of 1 and `max_tokens` tokens after `long_context` (the
         per-cached-token cost; none measured if `long_context` <= `context`). The curve
-        returned holds every size up to `max_tokens`, those not timed interpolated, for
-        real steps to refine each on its own (`observe`).
+        returned holds every size up to `max_tokens`, those timed marked confirmed and the
+        others on the line between them, for real steps to refine and confirm each on its
+        own (`observe`, `explore`).
 
-        Two passes, not one: real steps only ever correct the sizes the cut feeds, so a
-        size timed slow by chance stays slow, and the cut avoids it for good. In one bf16
-        benchmark run here, the engine's single pass timed 2 to 12 tokens at 450-830 ms
-        (a burst of load on a shared machine; they cost 200-300 ms), the cut fed 13
-        tokens or none for the whole run, and a fixed 4-node tree beat it by 8% on open
-        questions. Passes rather than repeats back to back, so that a burst inflates
-        different sizes each time. The start-up takes 12 s in bf16 here, 39 s in fp32."""
+        The defaults are a cold start, for an engine with nothing saved: 1, 2, 4, 8, 16, 32
+        and 33 tokens, one pass, and the long-context pair, the fastest of two (13 forwards
+        with the warm-ups). Every size, twice, takes 39 s in fp32 on Qwen2.5-Coder-1.5B here
+        (12 s in bf16), and would at every start; the sizes between the timed ones are
+        confirmed by the real steps that feed them, the cut trying them now and then
+        (`explore`), and the curve is kept on disk (budget_store), so that the next start
+        times nothing. With `repeats` > 1 (the benchmark times every size three times),
+        each pass goes over all the sizes rather than timing one size back to back, so
+        that a burst of load inflates different sizes each time."""
         sizes = list(range(1, min(every, max_tokens) + 1))
         while sizes[-1] < max_tokens:
             sizes.append(min(sizes[-1] * 2, max_tokens))
@@ -158,7 +230,8 @@ class CostModel:
         per_context = (0.0, 0.0)
         long_context = min(long_context, context_length(config) - max_tokens)  # positions the model has
         if long_context > context:
-            # the per-cached-token cost is the difference of two timings; the long one the fastest of two at least
+            # the per-cached-token cost is the difference of two timings; the long one the fastest of two at
+            # least (real steps refine the curve, never this)
             steady, ends = max(repeats, 2), (1, sizes[-1])
             _lengthen(cache, long_context)
             timed(1, long_context, 1)
@@ -168,7 +241,8 @@ class CostModel:
             per_context = (max(extra[0] - b, 0.0), b)
         timed_curve = cls(sizes, seconds, context=context, per_context=per_context)
         every_size = list(range(1, max_tokens + 1))
-        return cls(every_size, [timed_curve(n) for n in every_size], context=context, per_context=per_context)
+        return cls(every_size, [timed_curve(n) for n in every_size], context=context, per_context=per_context,
+                   confirmed=[n in sizes for n in every_size])
 
 
 def _lengthen(cache: DynamicCache, length: int) -> None:
@@ -369,7 +443,8 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
     Nodes are added one at a time, the likeliest next node of any row first, and the
     best prefix of that order is kept: under load (many rows already feeding many
     tokens into a compute-bound forward) only near-certain drafts still pay. For one row
-    this is the tree's own order."""
+    this is the tree's own order. Once in a while the prefix kept is another, one that
+    feeds a size the cost curve has not confirmed (`CostModel.explore`)."""
     reach = [_reach(tree, calibration) for tree in trees]
     gain, tokens = float(len(trees) + others), fed  # every row yields at least its bonus token
     best_rate, best_steps = gain / cost(tokens, context), 0
@@ -387,6 +462,7 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
         rate = gain / cost(tokens, context)
         if rate > best_rate:
             best_rate, best_steps = rate, len(order)
+    best_steps = cost.explore(fed, best_steps, len(order))
     sizes = [0] * len(trees)
     for b in order[:best_steps]:
         sizes[b] += 1

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="makes sampling reproducible")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print text, token ids and stats as one JSON object")
+    _budget_cache_arguments(gen)
     bench = commands.add_parser("bench", help="benchmark methods x workloads side by side (see docs/benchmarks.md)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_methods_help())
     bench.add_argument("--model", help="a name from `triespec models`, hub id, folder or .gguf (default: SmolLM2)")
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trie", help="file the trie is loaded from at start and saved to (.npz)")
     serve.add_argument("--save-interval", type=float, default=300.0, help="seconds between trie saves")
     serve.add_argument("--warm-from", help="JSONL corpus of past prompts and answers to fill the trie with")
+    _budget_cache_arguments(serve)
     warm = commands.add_parser("warm", help="fill a trie file from a JSONL corpus of past prompts and answers")
     warm.add_argument("corpus", help='JSON Lines: {"prompt", "completion"}, {"messages"} or {"text"} per line')
     warm.add_argument("--trie", required=True, help="trie file (.npz) to add to (created if missing)")
@@ -107,6 +109,7 @@ def _generate(args) -> int:
         args.model or default_model_path(),
         dtype=args.dtype,
         adaptive=args.adaptive,
+        budget_cache=_budget_cache(args),
         **drafting,
     )
     chat = not args.raw and getattr(engine.tokenizer, "chat_template", None)
@@ -223,7 +226,21 @@ def _serving_engine(args, path):
         model, tokenizer = load(path, dtype=args.dtype)
         return Engine(model, tokenizer, drafter=NoDraft(), adaptive=False)
     return Engine.from_pretrained(path, dtype=args.dtype, decoding_length=args.decoding_length,
-                                  branch_length=args.branch_length, adaptive=args.adaptive)
+                                  branch_length=args.branch_length, adaptive=args.adaptive,
+                                  budget_cache=_budget_cache(args))
+
+
+def _budget_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--budget-cache", metavar="DIR",
+                       help="folder the adaptive budget (cost curve, calibration) is kept in between runs "
+                            "(default: $TRIESPEC_CACHE/budget, ~/.cache/triespec/budget)")
+    where.add_argument("--no-budget-cache", action="store_true",
+                       help="keep no budget between runs: time the model at every start")
+
+
+def _budget_cache(args) -> str | bool:
+    return False if args.no_budget_cache else args.budget_cache or True
 
 
 def _warm(args) -> int:

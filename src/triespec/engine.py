@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -11,6 +12,7 @@ import torch
 from transformers import DynamicCache, StopStringCriteria
 
 from .budget import Budget, CostModel, Watched, expected_tokens
+from .budget_store import BudgetStore, directory
 from .drafters import DRAFTERS, Drafter, NoDraft, TrieDrafter, build, check_drafter
 from .kv import keep_paths
 from .masks import Row, check_tree_attention, context_length, forward, pack
@@ -77,10 +79,14 @@ class Engine:
     tree to the size with the best expected tokens per second, down to none (budget.py);
     adaptive=False verifies every tree whole, `decoding_length` nodes at most. `cost`: a
     cost curve to use instead of measuring one (tests, or a curve measured elsewhere).
+    budget_cache: where the adaptive budget is kept between runs (budget_store.py): True,
+    the default folder; a folder; False or None, nowhere (measured at every start).
     """
 
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, adaptive: bool = True,
-                 cost: CostModel | None = None, **drafter_config):
+                 cost: CostModel | None = None, budget_cache: str | os.PathLike | bool | None = True,
+                 **drafter_config):
+        directory(budget_cache)  # ValueError for anything but a folder, True, False or None
         if drafter is not None and drafter_config:
             raise ValueError(f"pass either drafter= or drafter settings, not both (got {sorted(drafter_config)})")
         self.model = model
@@ -95,16 +101,22 @@ class Engine:
         check_tree_attention(model)
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
         self.budget: Budget | None = None
+        self.budget_store: BudgetStore | None = None  # where the budget is kept between runs (None: nowhere)
         if adaptive and not isinstance(self.drafter, NoDraft):
-            cost = cost or CostModel.of(model, self.config, self.drafter.decoding_length + 1)
-            self.budget = Budget(cost, costly=self.drafter.costly)
+            most = self.drafter.decoding_length + 1
+            saved = None  # (cost curve, calibration) from an earlier run on this model and machine
+            if cost is None:
+                self.budget_store = BudgetStore.open(budget_cache, model, tokenizer, most)
+                saved = self.budget_store.load() if self.budget_store is not None else None
+                cost = CostModel.of(model, self.config, most, saved=saved[0] if saved else None)
+            self.budget = Budget(cost, costly=self.drafter.costly, calibration=saved[1] if saved else None)
         # the draft models: same vocabulary as the target (or ValueError), priced by the curve
         self.drafter.bind(model, tokenizer, None if self.budget is None else self.budget.cost)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
                         draft_model=None, drafter: str | None = None, widths=None, adaptive: bool = True,
-                        **trie_config):
+                        budget_cache: str | os.PathLike | bool | None = True, **trie_config):
         """Load a model (hub id, folder or .gguf) and build its drafter.
 
         draft_model: None, or a path / hub id (or a list of them) of small models sharing
@@ -113,6 +125,7 @@ class Engine:
             token trees, merged when several) or "hybrid" (the default with a draft model:
             the trie and the draft models in one tree, within the trie's decoding_length).
         widths: the draft models' expansion widths per depth (default: SpecInfer's).
+        budget_cache: where the adaptive budget is kept between runs (see Engine).
         trie_config: TrieDrafter settings (decoding_length, branch_length, mode, ...).
         """
         from .loading import load
@@ -124,7 +137,8 @@ class Engine:
             raise ValueError(f"unknown drafter {name!r}; one of {', '.join(DRAFTERS)}")
         model, tokenizer = load(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file)
         drafts = [load(path, dtype=dtype, device=device) for path in paths]
-        return cls(model, tokenizer, drafter=build(name, drafts, widths=widths, **trie_config), adaptive=adaptive)
+        return cls(model, tokenizer, drafter=build(name, drafts, widths=widths, **trie_config), adaptive=adaptive,
+                   budget_cache=budget_cache)
 
     def encode(self, prompt) -> list[int]:
         """A string, a list of token ids, or chat messages ([{"role": ..., "content": ...}])."""
@@ -454,6 +468,8 @@ class Batch:
             self.width = keep_paths(self.cache, [(row.past, []) for row in self.active])  # trim to the longest row
         else:
             self.cache, self.width = DynamicCache(), 0
+            if self.engine.budget_store is not None:  # every row has ended: keep what the budget learned
+                self.engine.budget_store.save(self.engine.budget.cost, self.engine.budget.calibration)
 
     def _run(self) -> Iterator[list[tuple[BatchRow, list[int]]]]:
         try:
