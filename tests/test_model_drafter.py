@@ -419,7 +419,11 @@ def test_from_pretrained_builds_each_drafter(saved_pair):
 @pytest.mark.parametrize("bad", [dict(drafter="model"), dict(drafter="hybrid"), dict(drafter="beam"),
                                  dict(drafter="trie", draft_model="x"), dict(drafter="model", draft_model="x",
                                                                              decoding_length=8)])
-def test_from_pretrained_refuses_bad_drafter_settings(bad, saved_pair):
+def test_from_pretrained_refuses_bad_drafter_settings(bad, saved_pair, monkeypatch):
+    def no_loading(*args, **kwargs):  # refused before any model is loaded (a hub id would be fetched)
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("triespec.loading.load", no_loading)
     with pytest.raises(ValueError):
         Engine.from_pretrained(str(saved_pair / "target"), **bad)
 

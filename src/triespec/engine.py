@@ -13,7 +13,7 @@ from transformers import DynamicCache, StopStringCriteria
 
 from .budget import Budget, CostModel, Watched, expected_tokens
 from .budget_store import BudgetStore, directory
-from .drafters import DRAFTERS, Drafter, NoDraft, TrieDrafter, build, check_drafter
+from .drafters import Drafter, NoDraft, TrieDrafter, build, check_drafter
 from .kv import keep_paths
 from .masks import Row, check_tree_attention, context_length, forward, pack
 from .tree import TokenTree
@@ -132,13 +132,11 @@ class Engine:
 
         paths = [] if draft_model is None else [draft_model] if isinstance(draft_model, (str, bytes)) or not \
             isinstance(draft_model, Sequence) else list(draft_model)
-        name = drafter or ("hybrid" if paths else "trie")
-        if name not in DRAFTERS:
-            raise ValueError(f"unknown drafter {name!r}; one of {', '.join(DRAFTERS)}")
+        # the drafter first: its settings are checked before any model is loaded
+        chosen = build(drafter or ("hybrid" if paths else "trie"), paths,
+                       lambda path: load(path, dtype=dtype, device=device), widths=widths, **trie_config)
         model, tokenizer = load(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file)
-        drafts = [load(path, dtype=dtype, device=device) for path in paths]
-        return cls(model, tokenizer, drafter=build(name, drafts, widths=widths, **trie_config), adaptive=adaptive,
-                   budget_cache=budget_cache)
+        return cls(model, tokenizer, drafter=chosen, adaptive=adaptive, budget_cache=budget_cache)
 
     def encode(self, prompt) -> list[int]:
         """A string, a list of token ids, or chat messages ([{"role": ..., "content": ...}])."""

@@ -41,9 +41,11 @@ def _trie(draft_models: Sequence, **settings) -> Drafter:
 
 
 def _models(name: str, draft_models: Sequence, settings: dict) -> list[ModelDrafter]:
+    """Draft models are loaded (each entry called) only once the settings are known good."""
     if not draft_models:
         raise ValueError(f"drafter {name!r} needs a draft model")
-    return [ModelDrafter(m, tokenizer=t, **_settings(name, ModelDrafter, settings)) for m, t in draft_models]
+    settings = _settings(name, ModelDrafter, settings)
+    return [ModelDrafter(model, tokenizer=tokenizer, **settings) for model, tokenizer in (m() for m in draft_models)]
 
 
 def _model(draft_models: Sequence, **settings) -> Drafter:
@@ -54,12 +56,14 @@ def _model(draft_models: Sequence, **settings) -> Drafter:
 def _hybrid(draft_models: Sequence, widths=None, **trie_settings) -> Drafter:
     """The trie's confident copy spans first, the draft models' nodes fill the rest, all
     within the trie's decoding_length."""
-    models = _models("hybrid", draft_models, {} if widths is None else {"widths": widths})
     trie = _trie((), **trie_settings)
+    models = _models("hybrid", draft_models, {} if widths is None else {"widths": widths})
     return MergedDrafter([trie, *models], decoding_length=trie.decoding_length)
 
 
-# name -> (draft models as [(model, tokenizer or None)], **settings) -> Drafter
+# name -> (draft models, **settings) -> Drafter. Each draft model comes as a function returning
+# (model, tokenizer or None), to be called only after the settings were checked: a caller
+# loading models from paths learns of a mistake before anything is loaded.
 DRAFTERS: dict[str, Callable[..., Drafter]] = {
     "none": _none,
     "trie": _trie,
@@ -68,13 +72,17 @@ DRAFTERS: dict[str, Callable[..., Drafter]] = {
 }
 
 
-def build(name: str, draft_models: Sequence = (), **settings) -> Drafter:
-    """The drafter `name` (a key of DRAFTERS) over `draft_models` (loaded models, or
-    (model, tokenizer) pairs so the vocabulary can be checked), with its settings."""
+def build(name: str, draft_models: Sequence = (), load: Callable | None = None, **settings) -> Drafter:
+    """The drafter `name` (a key of DRAFTERS) with its settings, over `draft_models`:
+    loaded models, (model, tokenizer) pairs (so the vocabulary can be checked), or, with
+    `load` (path -> (model, tokenizer)), paths, loaded once the settings are known good."""
     if name not in DRAFTERS:
         raise ValueError(f"unknown drafter {name!r}; one of {', '.join(DRAFTERS)}")
-    pairs = [m if isinstance(m, tuple) else (m, None) for m in draft_models]
-    return DRAFTERS[name](pairs, **{k: v for k, v in settings.items() if v is not None})
+    if load is not None:
+        sources = [lambda path=path: load(path) for path in draft_models]
+    else:
+        sources = [lambda m=m: m if isinstance(m, tuple) else (m, None) for m in draft_models]
+    return DRAFTERS[name](sources, **{k: v for k, v in settings.items() if v is not None})
 
 
 __all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter", "ModelDrafter", "MergedDrafter", "merge",
