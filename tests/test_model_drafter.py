@@ -242,6 +242,7 @@ class SoftmaxOnTopK:
 N_LAW = 3000
 
 
+@pytest.mark.slow
 def test_sampled_drafts_carry_q_and_are_lossless(pair):
     target, draft, table = pair
     drafter = ModelDrafter(draft, widths=(3, 2), sample=True, min_score=0.3)  # some nodes expanded, some not
@@ -269,6 +270,7 @@ def test_the_law_test_catches_softmax_q_on_top_k_picks(pair):
     assert chi_square_p_value(counts, law, N_LAW) < 1e-6
 
 
+@pytest.mark.slow
 def test_hybrid_trees_under_sampling_are_lossless(pair):
     target, draft, table = pair
     trie_tree = TokenTree((0, 1, 2, 3), (-1, -1, 0, 1), (0.9, 0.6, 0.8, 0.5))  # deterministic drafts
@@ -286,6 +288,7 @@ def test_hybrid_trees_under_sampling_are_lossless(pair):
     assert max_z(counts, law, N_LAW, length=2) < 4.5
 
 
+@pytest.mark.slow
 def test_engine_samples_the_model_law_with_a_sampling_drafter(pair):
     target, draft, _ = pair
     engine = Engine(target, drafter=ModelDrafter(draft, widths=(3, 2), sample=True))

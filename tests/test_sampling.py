@@ -205,6 +205,7 @@ def processed_law(model, prompt, temperature, top_k, penalty):
         return {(a, b): float(first[a] * step(prompt + [a])[b]) for a in range(8) for b in range(8)}
 
 
+@pytest.mark.slow
 def test_engine_sampling_matches_the_model_law():
     model = make_model("llama", seed=5)
     model.config.vocab_size = 8
@@ -322,6 +323,7 @@ class SampledChild(Drafter, DraftSession):
         pass
 
 
+@pytest.mark.slow
 def test_a_cut_that_looks_at_the_draws_keeps_the_law():
     """The adaptive cut keeps a sampled node only when its score (the q of the token it
     drew) is high enough. Verified with q, the kept node would then not be a plain draw
