@@ -123,6 +123,15 @@ def arch(request):
     return request.param
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_budget_cache(tmp_path_factory):
+    """Engines built by module-scoped fixtures (before any test's own folder is set) keep
+    their budgets in a folder of the session's, never in ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRIESPEC_BUDGET_CACHE", str(tmp_path_factory.mktemp("budget-session")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def budget_cache(tmp_path_factory, monkeypatch):
     """Every test keeps its engines' budgets in a folder of its own (never ~/.cache, and no
