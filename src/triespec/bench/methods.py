@@ -136,7 +136,9 @@ class Triespec:
         from ..engine import Engine
 
         self.spec = spec
-        self.engine = Engine(model, tokenizer, drafter=_drafter(spec, draft_model), adaptive=spec.adaptive)
+        # budget_cache=False: a run starts from nothing kept by earlier runs, so it can be reproduced
+        self.engine = Engine(model, tokenizer, drafter=_drafter(spec, draft_model), adaptive=spec.adaptive,
+                             budget_cache=False)
 
     def carry(self, before: Triespec) -> None:
         """Go on from what `before` (this method, on the workload before) learned of what
