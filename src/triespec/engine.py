@@ -206,7 +206,7 @@ class Engine:
         return Stream(self.row(prompt, max_new_tokens, stop, **sampling))
 
     def row(self, prompt, max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
-                **sampling) -> BatchRow:
+            **sampling) -> BatchRow:
         """One prompt's generation, its arguments checked (ValueError), not started: what
         `generate` runs, and what a server hands to a `Batch` of its own."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -218,7 +218,8 @@ class Engine:
         stops = _StopChecker(self.eos_ids, stop, self.tokenizer)
         return BatchRow(self, self.encode(prompt), max_new_tokens, stops, settings)
 
-    def forward(self, rows: list[Row], width: int, cache: DynamicCache) -> tuple[list[torch.Tensor], list[int], float]:
+    def forward(self, rows: list[Row], width: int,
+                cache: DynamicCache) -> tuple[list[torch.Tensor], list[int], float]:
         """One forward over every row's pending tokens and tree: the one place the decode
         step runs the model (kernels, masks, positions), so that it can be swapped whole.
 
