@@ -237,6 +237,7 @@ def test_harness_on_smollm2(tmp_path):
         assert rows["plain"]["speedup"] == 1.0 and rows["plain"]["speedup_modelled"] == 1.0
     assert max(turns.values()) == 1  # the chat workload's second turn ran
     for r in results["records"]:
+        assert len(r["prompt_ids"]) == r["prompt_tokens"]  # the prompt itself: a replay needs nothing else
         assert sum(r["tokens_per_step"]) == r["new_tokens"] == len(r["token_ids"]) <= 12
         assert len(r["fed"]) == len(r["tokens_per_step"]) == len(r["cached"]) == len(r["forward_seconds"])
         assert 0 < sum(r["forward_seconds"]) <= r["seconds"] and min(r["forward_seconds"]) > 0

@@ -60,6 +60,7 @@ class Record:
     cached: list[int] = field(default_factory=list)  # tokens cached before each target forward
     forward_seconds: list[float] = field(default_factory=list)  # each target forward's wall clock
     curve: list[tuple[int, float]] | None = None  # an adaptive engine's cost curve after the call: (tokens, seconds)
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # what was fed: replays need no data set
 
 
 def check(config: Config) -> list[M.Spec]:
@@ -126,7 +127,7 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
                     history[spec.name].append((ids, out.token_ids))
                     records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
                                           out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids,
-                                          out.fed, out.cached, out.forward_seconds, out.curve))
+                                          out.fed, out.cached, out.forward_seconds, out.curve, ids))
                     bar.update()
         oracle[workload] = {
             "cold": copy_oracle(history[M.PLAIN], []),
