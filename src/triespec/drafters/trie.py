@@ -32,7 +32,7 @@ import heapq
 import itertools
 from typing import Iterator, Sequence
 
-from ..tree import COPYING, TRIE, TokenTree
+from ..tree import COPYING, TokenTree
 from .base import Drafter, DraftSession
 
 MODES = ("hierarchical", "parallel", "single")
