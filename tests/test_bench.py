@@ -18,9 +18,23 @@ def test_method_specs():
     assert spec.drafter == {"mode": "parallel", "decoding_length": 16, "branch_length": 6}
     assert methods.parse("hybrid:adaptive").needs_draft_model
     assert not methods.parse("prompt-lookup").needs_draft_model
-    for bad in ["beam", "trie:fast", "trie:dl=0", "trie:dl=x", "plain:warm"]:
+    for bad in ["beam", "trie:fast", "trie:dl=0", "trie:dl=x", "plain:warm", "prompt-lookup:0", "prompt-lookup:4:4",
+                "suffix:factor=-1", "suffix:depth=1.5"]:
         with pytest.raises(ValueError):
             methods.parse(bad)
+    assert methods.parse("prompt-lookup:4").generate == {"prompt_lookup_num_tokens": 4}
+    assert methods.parse("suffix:fixed:tree:factor=2:prob=0.2").drafter == {
+        "use_tree_spec": True, "max_spec_factor": 2.0, "min_token_prob": 0.2}
+
+
+def test_a_peer_setting_reaches_transformers():
+    """prompt-lookup:N is transformers' prompt_lookup_num_tokens=N: a forward verifies at most N
+    candidates after the pending token, and on a repetitive prompt it does verify N."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(3, length=40)
+    fed = {n: methods.build(methods.parse(f"prompt-lookup:{n}"), model, None).run(prompt, 30).fed[1:]
+           for n in (2, 10)}
+    assert max(fed[2]) == 3 and max(fed[10]) == 11
 
 
 def test_config_checks():
@@ -36,7 +50,8 @@ def test_config_checks():
         harness.check(harness.Config(n=0))
 
 
-@pytest.mark.parametrize("name", ["plain", "prompt-lookup", "trie", "trie:fixed", "trie:fixed:parallel"])
+@pytest.mark.parametrize("name", ["plain", "prompt-lookup", "prompt-lookup:4", "trie", "trie:fixed",
+                                  "trie:fixed:parallel", "suffix", "suffix:fixed", "suffix:fixed:tree"])
 def test_step_accounting_matches_output(name):
     """Every method's steps add up to its output, and every output is plain greedy's."""
     model = tiny_model("llama")
@@ -50,7 +65,7 @@ def test_step_accounting_matches_output(name):
     assert out.fed[0] >= len(prompt)
     if name == "plain":
         assert set(out.tokens_per_step) == {1} and out.fed == [len(prompt)] + [1] * (len(out.fed) - 1)
-    elif name == "trie:fixed":
+    elif name in ("trie:fixed", "suffix:fixed"):
         assert max(out.tokens_per_step) > 1  # the repetitive prompt is drafted from
         # each forward feeds the last token and the tree: at least as many as it yields
         assert all(f >= s for f, s in zip(out.fed[1:], out.tokens_per_step[1:])) and max(out.fed[1:]) > 1
@@ -90,6 +105,21 @@ def test_draft_model_methods_are_exact(name):
     assert sum(out.tokens_per_step) == len(expected)
     if name == "hybrid:fixed:warm":
         assert max(out.tokens_per_step) > 8  # drafted from the warmed memory
+
+
+def test_suffix_decoding_drafts_from_the_answers_it_was_given():
+    """SuffixDecoding's global cache learns past answers as ours does (`warm`): its drafts of
+    an answer it holds are accepted, and the output is still plain greedy's."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(6, length=40)
+    expected = plain_greedy(model, prompt, 24)
+    cold, warm = (methods.build(methods.parse(name), model, None) for name in ("suffix:fixed", "suffix:fixed:warm"))
+    warm.prepare([expected])
+    outs = [runner.run(prompt, 24) for runner in (cold, warm)]
+    assert all(out.token_ids == expected for out in outs)
+    assert len(outs[1].tokens_per_step) < len(outs[0].tokens_per_step)
+    # its drafts grow with the match (factor 1: as long as the match), so about log2 steps
+    assert len(outs[1].tokens_per_step) < len(expected) / 3
 
 
 def test_copy_oracle():

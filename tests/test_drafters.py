@@ -1,11 +1,14 @@
 """The drafter contract and the one builder every entry point uses."""
 
+import inspect
+
 import pytest
 
 from conftest import ScriptedDrafter, plain_greedy, repetitive_prompt, tiny_model
 from triespec import Engine, TokenTree
 from triespec.bench import methods
-from triespec.drafters import DRAFTERS, MergedDrafter, ModelDrafter, NoDraft, TrieDrafter, build
+from triespec.cli import BRANCH_LENGTH, DECODING_LENGTH, DRAFTER_CHOICES
+from triespec.drafters import DRAFTERS, MergedDrafter, ModelDrafter, NoDraft, SuffixDrafter, TrieDrafter, build
 
 
 def test_build_makes_each_drafter_by_name():
@@ -18,6 +21,32 @@ def test_build_makes_each_drafter_by_name():
     assert isinstance(hybrid, MergedDrafter) and hybrid.decoding_length == 12 and hybrid.costly
     assert hybrid.memory is hybrid.drafters[0].memory  # the trie's: what a server saves
     assert not trie.costly and build("model", [model]).costly and build("model", [model]).memory is None
+    suffix = build("suffix", max_spec_factor=2.0, use_tree_spec=True)
+    assert isinstance(suffix, SuffixDrafter) and not suffix.costly and suffix.spec["max_spec_factor"] == 2.0
+
+
+def test_the_command_line_offers_every_drafter_with_its_defaults():
+    assert set(DRAFTER_CHOICES) == set(DRAFTERS) - {"none"}
+    defaults = inspect.signature(TrieDrafter).parameters
+    assert (defaults["decoding_length"].default, defaults["branch_length"].default) == (DECODING_LENGTH, BRANCH_LENGTH)
+
+
+def test_suffix_drafts_continue_what_its_cache_holds():
+    """SuffixDecoding's cache under our contract: a prompt's repeat is drafted, a learned answer
+    too, as chains (or trees) of at most decoding_length nodes with scores in [0, 1]."""
+    drafter = build("suffix", decoding_length=6)
+    drafter.learn_text([7, 8, 9, 10, 11, 12, 13, 14], context=[1])
+    session = drafter.begin([3, 4, 5, 6, 3, 4])
+    tree = session.propose(32, 12)
+    assert tree.tokens[:2] == (5, 6) and tree.parents[0] == -1  # the prompt's own repeat
+    session.learn([5, 6, 7, 8, 9])
+    tree = session.propose(32, 12)
+    # the learned answer, as many tokens as the match is long (vLLM's max_spec_factor 1)
+    assert tree.tokens == (10, 11, 12) and all(0 <= s <= 1 for s in tree.scores)
+    assert len(session.propose(3, 12)) == 3 and session.propose(32, 2).depth == 2
+    session.end()
+    with pytest.raises(ValueError):
+        session.end()  # the cache knows it is over
 
 
 @pytest.mark.parametrize("name, models, settings, words", [
@@ -28,6 +57,9 @@ def test_build_makes_each_drafter_by_name():
     ("trie", 0, {"widths": (1,)}, "takes no setting 'widths'"),
     ("model", 1, {"branch_length": 4}, "takes no setting 'branch_length'"),
     ("none", 0, {"decoding_length": 4}, "takes no draft model and no settings"),
+    ("suffix", 1, {}, "takes no draft model"),
+    ("suffix", 0, {"branch_length": 4}, "takes no setting 'branch_length'"),
+    ("suffix", 0, {"min_token_prob": 2.0}, "min_token_prob"),
 ])
 def test_build_refuses_what_a_drafter_cannot_take(name, models, settings, words):
     with pytest.raises(ValueError, match=words):

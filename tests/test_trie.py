@@ -146,14 +146,15 @@ def test_budget_and_depth_limits():
 
 def test_memory_persists_across_requests_and_context_does_not():
     drafter = TrieDrafter(decoding_length=16, branch_length=6)
-    first = drafter.begin([100, 101, 102])
+    prompt = list(range(100, 100 + 2 * drafter.match_length))
+    first = drafter.begin(prompt)
     first.learn([7, 8, 9, 10, 11, 12])
     first.end()
     # a new request ending with the same tokens is drafted from the first answer
-    tree = drafter.begin([55, 101, 102]).propose(16, 6)
+    tree = drafter.begin([55] + prompt[-2:]).propose(16, 6)
     assert tree.tokens[:6] == (7, 8, 9, 10, 11, 12)
-    # prompt-only n-grams (far from any answer) are not kept after the request
-    assert drafter.memory.find([100]) is None
+    # prompt-only n-grams (more than match_length tokens before the answer) are not kept after the request
+    assert drafter.memory.find([100]) is None and drafter.memory.find(prompt[-drafter.match_length:]) is not None
 
 
 def test_learn_text_warms_the_memory():

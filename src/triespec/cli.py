@@ -6,6 +6,12 @@ import argparse
 import json
 import sys
 
+# `--drafter`: drafters.DRAFTERS less 'none' (kept here so that --help imports no torch; a test
+# checks the two agree)
+DRAFTER_CHOICES = ("trie", "model", "hybrid", "suffix")
+# TrieDrafter's defaults, for --help without torch (a test checks they agree)
+DECODING_LENGTH, BRANCH_LENGTH = 32, 24
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -25,16 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--dtype", default="float32", help="float32 (exact), bfloat16 (fast on CPUs with AMX), float16, auto")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--decoding-length", type=int, default=32, help="most draft tokens verified per step")
-    gen.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
+    gen.add_argument("--decoding-length", type=int, default=DECODING_LENGTH,
+                     help="most draft tokens verified per step")
+    gen.add_argument("--branch-length", type=int, default=BRANCH_LENGTH, help="deepest draft branch")
     gen.add_argument("--mode", default="hierarchical", choices=["hierarchical", "parallel", "single"])
     gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                      help="cut each draft to the size that pays on this machine (default; --no-adaptive "
                           "verifies --decoding-length tokens every step)")
     gen.add_argument("--draft-model", action="append", metavar="PATH",
                      help="small model with the same tokenizer, drafting token trees (repeatable)")
-    gen.add_argument("--drafter", choices=["trie", "model", "hybrid"],
-                     help="where drafts come from (default: trie; hybrid with --draft-model)")
+    gen.add_argument("--drafter", choices=DRAFTER_CHOICES,
+                     help="where drafts come from (default: trie; hybrid with --draft-model; suffix: "
+                          "SuffixDecoding's cache, needs arctic-inference)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
     gen.add_argument("--top-k", type=int)
@@ -70,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="answer 401 to requests without 'Authorization: Bearer KEY'")
-    serve.add_argument("--decoding-length", type=int, default=32, help="most draft tokens verified per step")
-    serve.add_argument("--branch-length", type=int, default=12, help="deepest draft branch")
+    serve.add_argument("--decoding-length", type=int, default=DECODING_LENGTH,
+                     help="most draft tokens verified per step")
+    serve.add_argument("--branch-length", type=int, default=BRANCH_LENGTH, help="deepest draft branch")
     serve.add_argument("--no-draft", action="store_true", help="plain decoding (for comparison)")
     serve.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                        help="cut each row's draft to what pays given the whole batch (default; --no-adaptive "
@@ -86,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("corpus", help='JSON Lines: {"prompt", "completion"}, {"messages"} or {"text"} per line')
     warm.add_argument("--trie", required=True, help="trie file (.npz) to add to (created if missing)")
     warm.add_argument("--model", help="the model whose tokenizer the trie is for (default: SmolLM2-135M-Instruct)")
-    warm.add_argument("--branch-length", type=int, default=12, help="as the server will use it")
+    warm.add_argument("--branch-length", type=int, default=BRANCH_LENGTH, help="as the server will use it")
     serve.set_defaults(run=_serve)
     warm.set_defaults(run=_warm)
     return parser
@@ -103,7 +112,7 @@ def _generate(args) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _quiet_transformers()
     drafting = dict(draft_model=args.draft_model, drafter=args.drafter)
-    if (args.drafter or ("hybrid" if args.draft_model else "trie")) != "model":  # trie settings
+    if (args.drafter or ("hybrid" if args.draft_model else "trie")) in ("trie", "hybrid"):  # trie settings
         drafting.update(decoding_length=args.decoding_length, branch_length=args.branch_length, mode=args.mode)
     engine = Engine.from_pretrained(
         args.model or default_model_path(),

@@ -72,7 +72,7 @@ class Generation:
 class Engine:
     """Lossless speculative generation for a Hugging Face causal LM.
 
-    Engine(model, tokenizer, decoding_length=32, branch_length=12, mode="hierarchical", ...)
+    Engine(model, tokenizer, decoding_length=32, branch_length=24, mode="hierarchical", ...)
     builds a TrieDrafter from the keyword arguments; pass `drafter=` for another one
     (anything keeping the contract of drafters.Drafter; `drafters.build` makes one by name).
     adaptive (the default) measures this machine's forward cost at start-up and cuts each

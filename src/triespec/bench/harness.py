@@ -23,7 +23,7 @@ import torch
 
 from . import methods as M
 
-ORACLE_DEPTH = 12  # the deepest branch the oracle may accept per step: triespec's default branch length
+ORACLE_DEPTH = 24  # the deepest branch the oracle may accept per step: triespec's default branch length
 
 
 @dataclass
@@ -142,6 +142,7 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
         "records": [asdict(r) for r in records],
     }
     results["summary"] = summarise(results)
+    results["comparisons"] = comparisons(results)
     return results
 
 
@@ -260,7 +261,9 @@ def summarise(results: dict) -> dict:
             return _ratio(after_prefill(subset), after_prefill([plain[(r["task"], r["turn"])] for r in subset]))
 
         decode_fed = [f for r in rows for f in r.get("fed", [])[1:]]
+        intervals = {key: _interval(rows, plain, figure, curve) for key, figure in FIGURES.items()}
         summary.setdefault(workload, {})[method] = {
+            **{f"{key}_interval": None if i is None else i.as_list() for key, i in intervals.items()},
             "generations": len(rows),
             "tokens": tokens,
             "tokens_per_second": round(tokens / seconds, 3),
@@ -285,6 +288,73 @@ def summarise(results: dict) -> dict:
             else None,
         }
     return summary
+
+
+# the figures that get a bootstrap interval over tasks: summary key -> how a record set is priced
+FIGURES = {"speedup": "wall", "speedup_decode": "after_prefill", "speedup_modelled": "modelled"}
+
+
+def _priced(records: list[dict], figure: str, curve: dict | None) -> tuple[float, float] | None:
+    """(tokens, seconds) of `records` by one of FIGURES' ways; None where it cannot be had."""
+    if figure == "wall":
+        return sum(r["new_tokens"] for r in records), sum(r["seconds"] for r in records)
+    if figure == "after_prefill":
+        return after_prefill(records)
+    return modelled(records, curve) if curve else None
+
+
+def _per_task(rows: list[dict], figure: str, curve: dict | None) -> tuple[list, list] | None:
+    """Per task (its turns together): tokens and seconds, aligned by task order of `rows`."""
+    tasks: dict[str, list[dict]] = {}
+    for r in rows:
+        tasks.setdefault(r["task"], []).append(r)
+    priced = [_priced(records, figure, curve) for records in tasks.values()]
+    if any(p is None for p in priced):
+        return None
+    return [p[0] for p in priced], [p[1] for p in priced]
+
+
+def _interval(rows: list[dict], plain: dict, figure: str, curve: dict | None):
+    """The bootstrap interval over tasks of `rows`' speed-up over plain's on the same generations."""
+    from .stats import ratio_interval
+
+    mine = _per_task(rows, figure, curve)
+    theirs = _per_task([plain[(r["task"], r["turn"])] for r in rows], figure, curve)
+    if mine is None or theirs is None:
+        return None
+    try:
+        return ratio_interval(mine, theirs)
+    except ValueError:  # nothing decoded after the prefill (one-token answers)
+        return None
+
+
+def comparisons(results: dict, figure: str = "modelled") -> dict[str, list[dict]]:
+    """Per workload: each triespec method against each peer in the run (transformers' own
+    speculation, SuffixDecoding), the ratio of their speed-ups with a paired bootstrap
+    interval over tasks; `real` when the interval excludes 1."""
+    from .stats import ratio_interval
+
+    curve = results.get("cost_curve")
+    out: dict[str, list[dict]] = {}
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for r in results["records"]:
+        by_key.setdefault((r["workload"], r["method"]), []).append(r)
+    for workload in dict.fromkeys(r["workload"] for r in results["records"]):
+        names = [m for (w, m) in by_key if w == workload]
+        ours = [m for m in names if M.parse(m).base in OURS]
+        peers = [m for m in names if m != M.PLAIN and M.parse(m).base not in OURS]
+        for method in ours:
+            for peer in peers:
+                a, b = (_per_task(by_key[(workload, m)], figure, curve) for m in (method, peer))
+                if a is None or b is None:
+                    continue
+                i = ratio_interval(a, b)
+                out.setdefault(workload, []).append({"method": method, "peer": peer, "figure": figure,
+                                                     "ratio": i.as_list(), "real": i.real})
+    return out
+
+
+OURS = ("trie", "model", "hybrid")  # triespec's own drafters; every other method is a peer
 
 
 def _gen(record: dict) -> tuple[str, str, int]:

@@ -3,17 +3,22 @@
 A method is named by a spec string:
 
     plain              model.generate, greedy
-    prompt-lookup      model.generate(prompt_lookup_num_tokens=10), transformers' n-gram lookup
+    prompt-lookup[:N]  model.generate(prompt_lookup_num_tokens=N), transformers' n-gram lookup
+                       (N: 10, transformers' documented setting, unless given)
     assisted           model.generate(assistant_model=draft), transformers' assisted decoding
     trie[:opts]        triespec with the Lookahead trie
     model[:opts]       triespec with the draft model's token trees (SpecInfer)
     hybrid[:opts]      triespec with the trie and the draft model merged
+    suffix[:opts]      SuffixDecoding's drafts (arctic-inference's cache, vLLM's defaults),
+                       verified by triespec's forward: drafter meets drafter on equal terms
 
-opts, separated by ':': `warm` (the trie memory first learns the model's own answers to
-a disjoint split of the workload, the Lookahead paper's protocol), `fixed` (verify
-every tree whole instead of the engine's default adaptive cut; `adaptive` says the
-default explicitly), `hierarchical|parallel|single`, `dl=N` (decoding length, the most
-nodes a tree may have), `bl=N` (branch length).
+opts, separated by ':': `warm` (the drafter's memory first learns the model's own answers
+to a disjoint split of the workload, the Lookahead paper's protocol), `fixed` (verify
+every tree whole instead of the engine's default adaptive cut, as SuffixDecoding in
+vLLM does; `adaptive` says the default explicitly), `hierarchical|parallel|single`,
+`dl=N` (decoding length, the most nodes a tree may have), `bl=N` (branch length); for
+suffix: `tree` (draft trees, not chains), `factor=X` (max_spec_factor), `prob=X`
+(min_token_prob), `depth=N` (max_tree_depth).
 """
 
 from __future__ import annotations
@@ -55,18 +60,26 @@ class Spec:
     base: str
     warm: bool = False
     adaptive: bool = True
-    drafter: dict = field(default_factory=dict)  # TrieDrafter settings
+    drafter: dict = field(default_factory=dict)  # the drafter's settings (drafters.build)
+    generate: dict = field(default_factory=dict)  # model.generate's settings, over TRANSFORMERS[base]
 
     @property
     def needs_draft_model(self) -> bool:
         return self.base in ("assisted", "model", "hybrid")
 
 
+NUMBERS = {"dl": ("decoding_length", int), "bl": ("branch_length", int), "depth": ("max_tree_depth", int),
+           "factor": ("max_spec_factor", float), "prob": ("min_token_prob", float)}  # opt=value -> setting
+
+
 def parse(name: str) -> Spec:
     base, *opts = name.strip().split(":")
+    if base == "prompt-lookup" and len(opts) == 1 and opts[0].isdigit() and int(opts[0]) > 0:
+        return Spec(name, base, generate={"prompt_lookup_num_tokens": int(opts[0])})
     if base in TRANSFORMERS:
         if opts:
-            raise ValueError(f"method {name!r}: {base} takes no options")
+            usage = " but a number of tokens (prompt-lookup:N)" if base == "prompt-lookup" else ""
+            raise ValueError(f"method {name!r}: {base} takes no options{usage}")
         return Spec(name, base)
     if base not in DRAFTERS or base == "none":  # every drafter the product builds is a method
         drafters = [d for d in DRAFTERS if d != "none"]
@@ -83,11 +96,23 @@ def parse(name: str) -> Spec:
             adaptive = opt == "adaptive"
         elif opt in MODES:
             drafter["mode"] = opt
-        elif key in ("dl", "bl") and value.isdigit() and int(value) > 0:
-            drafter["decoding_length" if key == "dl" else "branch_length"] = int(value)
+        elif opt == "tree":
+            drafter["use_tree_spec"] = True
+        elif key in NUMBERS and _number(value, NUMBERS[key][1]):
+            setting, kind = NUMBERS[key]
+            drafter[setting] = kind(value)
         else:
-            raise ValueError(f"method {name!r}: unknown option {opt!r} (warm, fixed, adaptive, {'|'.join(MODES)}, dl=N, bl=N)")
+            raise ValueError(f"method {name!r}: unknown option {opt!r} (warm, fixed, adaptive, {'|'.join(MODES)}, "
+                             f"tree, {', '.join(f'{k}=N' for k in NUMBERS)})")
     return Spec(name, base, warm, adaptive is not False, drafter)
+
+
+def _number(text: str, kind) -> bool:
+    """Whether `text` is a positive number of `kind` (int or float)."""
+    try:
+        return kind(text) > 0
+    except ValueError:
+        return False
 
 
 class Generate:
@@ -101,7 +126,7 @@ class Generate:
 
     def __init__(self, spec: Spec, model, draft_model=None):
         self.spec, self.model = spec, model
-        self.kwargs = dict(TRANSFORMERS[spec.base])
+        self.kwargs = {**TRANSFORMERS[spec.base], **spec.generate}
         if spec.base == "assisted":
             if draft_model is None:
                 raise ValueError("method 'assisted' needs a draft model (--draft-model)")
@@ -154,10 +179,11 @@ class Triespec:
         """Warm the memory with past answers (token ids), when the spec says so."""
         if not self.spec.warm:
             return
-        if self.engine.drafter.memory is None:
-            raise ValueError(f"method {self.spec.name!r}: its drafter has no memory to warm")
-        for answer in corpus:
-            self.engine.drafter.learn_text(answer)
+        try:
+            for answer in corpus:
+                self.engine.drafter.learn_text(answer)
+        except ValueError as e:  # a drafter without memory says so
+            raise ValueError(f"method {self.spec.name!r}: {e}") from e
 
     def run(self, ids: list[int], max_new_tokens: int) -> Output:
         with _forwards(self.engine.model) as calls:

@@ -57,7 +57,9 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
         "tok/step: tokens per target forward. fed/step: tokens fed to each forward after the prefill (1 + the "
         "nodes verified). of oracle: accepted draft tokens per step as a share of a perfect "
         "retrieval drafter's (copying from the prompt, past outputs and, for warm methods, the warm split). "
-        "= plain: share of generations identical to plain greedy decoding.",
+        "= plain: share of generations identical to plain greedy decoding. "
+        "In brackets: 90% bootstrap intervals over tasks (a task's turns resampled together); a comparison "
+        "resamples both methods' tasks together and calls a difference real when its interval excludes 1.",
         "",
     ]
     curve = results.get("cost_curve")
@@ -77,11 +79,46 @@ def markdown(results: dict, command: str = "", plots: tuple[str, ...] = ()) -> s
                   "| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
                   "|---|" + "---:|" * len(COLUMNS)]
         for method, row in methods.items():
-            cells = ["—" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in COLUMNS]
+            cells = [_cell(row, k, fmt) for k, _, fmt in COLUMNS]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += comparison_table(results.get("comparisons", {}).get(workload, []))
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """A figure, with its 90% interval over tasks where it has one."""
+    if row.get(key) is None:
+        return "—"
+    interval = row.get(f"{key}_interval")
+    if interval is None:
+        return fmt.format(row[key])
+    return f"{fmt.format(row[key])} ({interval[1]:.2f}–{interval[2]:.2f})"
+
+
+def comparison_table(rows: list[dict]) -> list[str]:
+    """triespec against each peer: the ratio of speed-ups and its paired 90% interval."""
+    if not rows:
+        return []
+    lines = ["| triespec | against | speed-up ratio, modelled (90% interval) | difference |", "|---|---|---:|---|"]
+    for c in rows:
+        value, low, high = c["ratio"]
+        verdict = ("faster" if low > 1 else "slower") if c["real"] else "within the noise"
+        lines.append(f"| {c['method']} | {c['peer']} | {value:.2f}× ({low:.2f}–{high:.2f}) | {verdict} |")
+    return lines + [""]
+
+
+def page_table(results: dict, workload: str) -> list[str]:
+    """The results page's table for one workload: the figures a user compares methods by."""
+    rows = results["summary"][workload]
+    lines = ["| method | speed-up, modelled (90% interval) | after prefill, wall clock | tokens/forward "
+             "| of copy oracle | = plain |", "|---|---:|---:|---:|---:|---:|"]
+    for method, row in rows.items():
+        lines.append(f"| {method} | {_cell(row, 'speedup_modelled', '{:.2f}×')} "
+                     f"| {_cell(row, 'speedup_decode', '{:.2f}×')} | {row['tokens_per_step']:.2f} "
+                     f"| {_cell(row, 'oracle_share', '{:.0%}')} | {row['agreement']:.0%} |")
+    return lines + [""]
 
 
 def plot_speedup(results: dict, path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from .base import Drafter, DraftSession, NoDraft, check_drafter
 from .merged import MergedDrafter, merge
 from .model import ModelDrafter
+from .suffix import SuffixDrafter
 from .trie import Trie, TrieDrafter
 
 
@@ -61,6 +62,13 @@ def _hybrid(draft_models: Sequence, widths=None, **trie_settings) -> Drafter:
     return MergedDrafter([trie, *models], decoding_length=trie.decoding_length)
 
 
+def _suffix(draft_models: Sequence, **settings) -> Drafter:
+    """SuffixDecoding's cache (arctic-inference), a peer verified by the same forward."""
+    if draft_models:
+        raise ValueError("drafter 'suffix' takes no draft model")
+    return SuffixDrafter(**_settings("suffix", SuffixDrafter, settings))
+
+
 # name -> (draft models, **settings) -> Drafter. Each draft model comes as a function returning
 # (model, tokenizer or None), to be called only after the settings were checked: a caller
 # loading models from paths learns of a mistake before anything is loaded.
@@ -69,6 +77,7 @@ DRAFTERS: dict[str, Callable[..., Drafter]] = {
     "trie": _trie,
     "model": _model,
     "hybrid": _hybrid,
+    "suffix": _suffix,
 }
 
 
@@ -85,5 +94,5 @@ def build(name: str, draft_models: Sequence = (), load: Callable | None = None, 
     return DRAFTERS[name](sources, **{k: v for k, v in settings.items() if v is not None})
 
 
-__all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter", "ModelDrafter", "MergedDrafter", "merge",
+__all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter", "ModelDrafter", "MergedDrafter", "SuffixDrafter", "merge",
            "DRAFTERS", "build", "check_drafter"]
