@@ -23,6 +23,7 @@ def test_method_specs():
         with pytest.raises(ValueError):
             methods.parse(bad)
     assert methods.parse("prompt-lookup:4").generate == {"prompt_lookup_num_tokens": 4}
+    assert methods.parse("trie:ml=2:bl=12").drafter == {"match_length": 2, "branch_length": 12}
     assert methods.parse("suffix:fixed:tree:factor=2:prob=0.2").drafter == {
         "use_tree_spec": True, "max_spec_factor": 2.0, "min_token_prob": 0.2}
 

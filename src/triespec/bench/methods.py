@@ -16,7 +16,7 @@ opts, separated by ':': `warm` (the drafter's memory first learns the model's ow
 to a disjoint split of the workload, the Lookahead paper's protocol), `fixed` (verify
 every tree whole instead of the engine's default adaptive cut, as SuffixDecoding in
 vLLM does; `adaptive` says the default explicitly), `hierarchical|parallel|single`,
-`dl=N` (decoding length, the most nodes a tree may have), `bl=N` (branch length); for
+`dl=N` (decoding length, the most nodes a tree may have), `bl=N` (branch length), `ml=N` (match length); for
 suffix: `tree` (draft trees, not chains), `factor=X` (max_spec_factor), `prob=X`
 (min_token_prob), `depth=N` (max_tree_depth).
 """
@@ -68,7 +68,8 @@ class Spec:
         return self.base in ("assisted", "model", "hybrid")
 
 
-NUMBERS = {"dl": ("decoding_length", int), "bl": ("branch_length", int), "depth": ("max_tree_depth", int),
+NUMBERS = {"dl": ("decoding_length", int), "bl": ("branch_length", int), "ml": ("match_length", int),
+           "depth": ("max_tree_depth", int),
            "factor": ("max_spec_factor", float), "prob": ("min_token_prob", float)}  # opt=value -> setting
 
 
