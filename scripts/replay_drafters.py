@@ -43,8 +43,9 @@ def main() -> None:
         raise SystemExit("replays take drafters without a draft model (trie, suffix)")
     runs = recorded(results)
     chosen = args.workloads.split(",") if args.workloads else list(runs)
+    config, machine = results["config"], results.get("machine", {})
     print(f"{'fixed trees' if args.fixed else 'adaptive budget'}, modelled by the run's cost curve "
-          f"({results['config']['model']}, {results['config']['dtype']}, {results['machine']['cpu']})\n")
+          f"({config.get('model') or 'SmolLM2-135M-Instruct'}, {config.get('dtype', '?')}, {machine.get('cpu', '?')})\n")
     print("| workload | copy oracle | " + " | ".join(s.name for s in specs) + " |")
     print("|---|---:|" + "---:|" * len(specs))
     for workload in chosen:

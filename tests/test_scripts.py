@@ -82,3 +82,17 @@ def test_replay_budget(tmp_path):
         assert float(cells[3]) == pytest.approx(speedups[2] / max(speedups[:2]), rel=0.01)
     # copying answers pay under this curve (a token fed costs 0.01 s more): every budget beats plain decoding
     assert all(float(cell.strip().rstrip("×")) > 1.5 for cell in rows["copy"][:3])
+
+
+@pytest.mark.slow
+def test_replay_drafters(tmp_path):
+    synthetic_run(tmp_path / "results.json")
+    out = run_script("replay_drafters.py", str(tmp_path / "results.json"), "--drafters", "trie,trie:bl=2,suffix")
+    rows = {line.split("|")[1].split()[0]: line.split("|")[2:-1] for line in out.splitlines()
+            if re.match(r"\| (copy|fresh) ", line)}
+    assert set(rows) == {"copy", "fresh"}
+    oracle, trie, short, suffix = (cell.strip() for cell in rows["copy"])
+    per_step = {name: float(cell.split()[0]) for name, cell in (("trie", trie), ("short", short), ("suffix", suffix))}
+    # on answers that copy, every drafter yields more than a token per forward; branches of 2 at most 3
+    assert all(v > 1.2 for v in per_step.values()) and per_step["short"] <= 3 < float(oracle)
+    assert per_step["trie"] > per_step["short"]
