@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trie", help="file the trie is loaded from at start and saved to (.npz)")
     serve.add_argument("--save-interval", type=float, default=300.0, help="seconds between trie saves")
     serve.add_argument("--warm-from", help="JSONL corpus of past prompts and answers to fill the trie with")
+    scale = serve.add_argument_group("scale out on Ray Serve (pip install triespec[ray])")
+    scale.add_argument("--replicas", type=int, help="engine replicas behind the same app, sharing one memory of "
+                                                    "answers (Ray Serve; without it, one process and no Ray)")
+    scale.add_argument("--ray-address", help="join this Ray cluster (e.g. HOST:6379, as `ray start --head` "
+                                             "prints) instead of starting one on this machine")
+    scale.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica "
+                                                                            "(fractions allowed)")
+    scale.add_argument("--sync-interval", type=float, default=2.0,
+                       help="seconds between a replica's pushes of its answers to the shared memory and pulls of "
+                            "the merged one")
+    scale.add_argument("--max-nodes", type=int, default=500_000, help="node budget of the memory trie")
     _budget_cache_arguments(serve)
     warm = commands.add_parser("warm", help="fill a trie file from a JSONL corpus of past prompts and answers")
     warm.add_argument("corpus", help='JSON Lines: {"prompt", "completion"}, {"messages"} or {"text"} per line')
@@ -216,13 +227,56 @@ def _serve(args) -> int:
     _quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     path = args.model or default_model_path()
-    engine = _serving_engine(args, path)
     local = Path(path.rstrip("/"))
     # a hub id as given; a local file or folder by its name (without .gguf)
     name = args.model_name or ((local.stem if local.suffix == ".gguf" else local.name) if local.exists() else path)
+    if args.replicas is not None:
+        return _serve_replicas(args, path, name)
+    if args.ray_address:
+        raise ValueError("--ray-address needs --replicas")
+    engine = _serving_engine(args, path)
     app = create_app(engine, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      trie_path=args.trie, save_interval=args.save_interval, warm_from=args.warm_from)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _serve_replicas(args, path: str, name: str) -> int:
+    """`serve --replicas N`: Ray Serve replicas, one shared memory; runs until Ctrl-C."""
+    import signal
+    import threading
+
+    if args.warm_from:
+        raise ValueError("--warm-from is not taken with --replicas: fill the trie file first with "
+                         "`triespec warm CORPUS --trie FILE`, then serve it with --trie FILE")
+    try:
+        from .scale import ScaleConfig, start, stop
+    except ImportError as e:
+        raise ValueError(f"--replicas needs Ray Serve: pip install 'triespec[ray]' ({e})") from e
+    engine = dict(model=path, dtype=args.dtype, no_draft=args.no_draft)
+    if not args.no_draft:
+        engine.update(decoding_length=args.decoding_length, branch_length=args.branch_length, adaptive=args.adaptive,
+                      budget_cache=_budget_cache(args), max_nodes=args.max_nodes)
+    config = ScaleConfig(args.replicas, engine,
+                         dict(model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue),
+                         cpus_per_replica=args.cpus_per_replica, trie=args.trie, save_interval=args.save_interval,
+                         sync_interval=args.sync_interval, max_nodes=args.max_nodes)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    memory = start(config, host=args.host, port=args.port, ray_address=args.ray_address)
+    print(f"triespec: {args.replicas} replicas serving at http://{args.host}:{args.port} "
+          "(GET /health shows them); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        done.wait()
+    finally:
+        import ray
+        from ray import serve
+
+        stop(memory, config.app_name)
+        if not args.ray_address:  # Serve and Ray were ours: end them; a cluster's stay up
+            serve.shutdown()
+        ray.shutdown()
     return 0
 
 

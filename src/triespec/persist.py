@@ -102,7 +102,15 @@ def load_trie(path: str | os.PathLike, fingerprint: str, max_nodes: int | None =
     if header.get("fingerprint") != fingerprint:
         raise ValueError(f"{path} was made with another tokenizer ({header.get('fingerprint')}; "
                          f"this model's is {fingerprint})")
-    _check_arrays(path, parent, token, count)
+    return unflatten((parent, token, count), max_nodes, source=str(path))
+
+
+def unflatten(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], max_nodes: int | None = None,
+              source: str = "the snapshot") -> Trie:
+    """The trie of `flatten`'s arrays (from a file, or sent by another process), within
+    `max_nodes`. Raises ValueError, naming `source`, for arrays that are not a trie."""
+    parent, token, count = (np.asarray(a) for a in arrays)
+    _check_arrays(source, parent, token, count)
     return _build(parent, token, count, max_nodes)
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -131,10 +131,13 @@ class Metrics:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_batch: int = 32,
                max_queue: int = 64, trie_path: str | os.PathLike | None = None, save_interval: float = 300.0,
-               warm_from: str | os.PathLike | None = None) -> FastAPI:
+               warm_from: str | os.PathLike | None = None,
+               on_step: Callable[[list[tuple[BatchRow, list[int]]], float], None] | None = None) -> FastAPI:
     """The server's app; run it with uvicorn. The trie at `trie_path` is loaded now (a
     corrupt or foreign one is set aside as `<name>.rejected`, and the trie starts
-    empty), saved every `save_interval` seconds and at shutdown."""
+    empty), saved every `save_interval` seconds and at shutdown. `on_step(step, seconds)`
+    sees every step after the metrics, on the scheduler thread (scale.py shares the
+    answers with other replicas through it)."""
     if engine.tokenizer is None:
         raise ValueError("the server needs a tokenizer")
     fp = fingerprint(engine.tokenizer, engine.vocab_size)
@@ -148,7 +151,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
     metrics = Metrics(scheduler, engine)
-    scheduler.on_step = metrics.step
+    scheduler.on_step = metrics.step if on_step is None else _both(metrics.step, on_step)
 
     saver = _Saver(engine, trie_path, fp, metrics)
 
@@ -273,6 +276,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     return app
 
 
+def _both(first: Callable, then: Callable) -> Callable:
+    def step(step, seconds: float) -> None:
+        first(step, seconds)
+        then(step, seconds)
+    return step
+
+
 async def _stream(reply: _Reply, events: asyncio.Queue, ticket, scheduler: Scheduler, metrics: Metrics,
                   usage: bool):
     """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
@@ -317,7 +327,10 @@ class _Reply:
 
     def usage(self) -> dict:
         prompt, completion = len(self.row.ids), len(self.row.out)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        # forward_steps (not in OpenAI's API; clients read it as an extra field): the forward
+        # passes the answer took, so completion_tokens / forward_steps is its tokens per forward
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "forward_steps": self.row.stats.steps}
 
     def chunk(self, piece, finish: str | None = None) -> dict:
         if self.chat:
