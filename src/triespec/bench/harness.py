@@ -253,7 +253,7 @@ def summarise(results: dict) -> dict:
         same_rows = [r for r in rows if _gen(r) not in differ]
 
         def modelled_speedup(subset: list[dict]) -> float | None:
-            if not curve or not subset:
+            if not curve or not subset or spec.base in UNPRICED:
                 return None
             return _ratio(modelled(subset, curve), modelled([plain[(r["task"], r["turn"])] for r in subset], curve))
 
@@ -261,7 +261,8 @@ def summarise(results: dict) -> dict:
             return _ratio(after_prefill(subset), after_prefill([plain[(r["task"], r["turn"])] for r in subset]))
 
         decode_fed = [f for r in rows for f in r.get("fed", [])[1:]]
-        intervals = {key: _interval(rows, plain, figure, curve) for key, figure in FIGURES.items()}
+        intervals = {key: None if figure == "modelled" and spec.base in UNPRICED else _interval(rows, plain, figure, curve)
+                     for key, figure in FIGURES.items()}
         summary.setdefault(workload, {})[method] = {
             **{f"{key}_interval": None if i is None else i.as_list() for key, i in intervals.items()},
             "generations": len(rows),
@@ -345,16 +346,21 @@ def comparisons(results: dict, figure: str = "modelled") -> dict[str, list[dict]
         peers = [m for m in names if m != M.PLAIN and M.parse(m).base not in OURS]
         for method in ours:
             for peer in peers:
-                a, b = (_per_task(by_key[(workload, m)], figure, curve) for m in (method, peer))
+                # a method whose draft forwards are not timed cannot be modelled: by the clock instead
+                how = "after_prefill" if figure == "modelled" and M.parse(peer).base in UNPRICED else figure
+                a, b = (_per_task(by_key[(workload, m)], how, curve) for m in (method, peer))
                 if a is None or b is None:
                     continue
                 i = ratio_interval(a, b)
-                out.setdefault(workload, []).append({"method": method, "peer": peer, "figure": figure,
+                out.setdefault(workload, []).append({"method": method, "peer": peer, "figure": how,
                                                      "ratio": i.as_list(), "real": i.real})
     return out
 
 
 OURS = ("trie", "model", "hybrid")  # triespec's own drafters; every other method is a peer
+# methods whose draft model's forwards are not timed (transformers' assisted generation runs
+# them inside generate): their modelled figure would price the target's forwards alone
+UNPRICED = ("assisted",)
 
 
 def _gen(record: dict) -> tuple[str, str, int]:

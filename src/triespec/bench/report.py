@@ -105,7 +105,8 @@ def comparison_table(rows: list[dict]) -> list[str]:
     for c in rows:
         value, low, high = c["ratio"]
         verdict = ("faster" if low > 1 else "slower") if c["real"] else "within the noise"
-        lines.append(f"| {c['method']} | {c['peer']} | {value:.2f}× ({low:.2f}–{high:.2f}) | {verdict} |")
+        clock = " (wall clock)" if c.get("figure") == "after_prefill" else ""
+        lines.append(f"| {c['method']} | {c['peer']}{clock} | {value:.2f}× ({low:.2f}–{high:.2f}) | {verdict} |")
     return lines + [""]
 
 
