@@ -317,15 +317,20 @@ def _per_task(rows: list[dict], figure: str, curve: dict | None) -> tuple[list, 
 
 def _interval(rows: list[dict], plain: dict, figure: str, curve: dict | None):
     """The bootstrap interval over tasks of `rows`' speed-up over plain's on the same generations."""
+    return _paired(_per_task(rows, figure, curve),
+                   _per_task([plain[(r["task"], r["turn"])] for r in rows], figure, curve))
+
+
+def _paired(mine, theirs):
+    """ratio_interval of two _per_task results, None where either has none or nothing was
+    decoded after the prefill (one-token answers): a finished run's report never fails on it."""
     from .stats import ratio_interval
 
-    mine = _per_task(rows, figure, curve)
-    theirs = _per_task([plain[(r["task"], r["turn"])] for r in rows], figure, curve)
     if mine is None or theirs is None:
         return None
     try:
         return ratio_interval(mine, theirs)
-    except ValueError:  # nothing decoded after the prefill (one-token answers)
+    except ValueError:
         return None
 
 
@@ -333,8 +338,6 @@ def comparisons(results: dict, figure: str = "modelled") -> dict[str, list[dict]
     """Per workload: each triespec method against each peer in the run (transformers' own
     speculation, SuffixDecoding), the ratio of their speed-ups with a paired bootstrap
     interval over tasks; `real` when the interval excludes 1."""
-    from .stats import ratio_interval
-
     curve = results.get("cost_curve")
     out: dict[str, list[dict]] = {}
     by_key: dict[tuple[str, str], list[dict]] = {}
@@ -348,10 +351,9 @@ def comparisons(results: dict, figure: str = "modelled") -> dict[str, list[dict]
             for peer in peers:
                 # a method whose draft forwards are not timed cannot be modelled: by the clock instead
                 how = "after_prefill" if figure == "modelled" and M.parse(peer).base in UNPRICED else figure
-                a, b = (_per_task(by_key[(workload, m)], how, curve) for m in (method, peer))
-                if a is None or b is None:
+                i = _paired(*(_per_task(by_key[(workload, m)], how, curve) for m in (method, peer)))
+                if i is None:
                     continue
-                i = ratio_interval(a, b)
                 out.setdefault(workload, []).append({"method": method, "peer": peer, "figure": how,
                                                      "ratio": i.as_list(), "real": i.real})
     return out
