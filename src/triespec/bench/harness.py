@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+from ..kernels import check as check_kernels, set_kernels
 from . import methods as M
 
 ORACLE_DEPTH = 12  # the deepest branch the oracle may accept per step: triespec's default branch length
@@ -36,6 +37,7 @@ class Config:
     n_warm: int | None = None  # warm tasks per workload (None: n)
     max_new_tokens: int = 128
     draft_model: str | None = None
+    kernels: str = "auto"  # what triespec's methods run on (plain: torch's; plain-packed: packed)
 
     def method_names(self) -> tuple[str, ...]:
         if self.methods:
@@ -61,6 +63,7 @@ class Record:
     forward_seconds: list[float] = field(default_factory=list)  # each target forward's wall clock
     curve: list[tuple[int, float]] | None = None  # an adaptive engine's cost curve after the call: (tokens, seconds)
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # what was fed: replays need no data set
+    kernels: str = "torch"  # what the model's linear layers ran on (triespec.kernels)
 
 
 def check(config: Config) -> list[M.Spec]:
@@ -71,6 +74,7 @@ def check(config: Config) -> list[M.Spec]:
         raise ValueError("n and n_warm must be >= 1")
     if config.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    check_kernels(config.kernels)
     unknown = [w for w in config.workloads if w not in WORKLOADS]
     if unknown or not config.workloads:
         raise ValueError(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
@@ -93,11 +97,15 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
     specs = check(config)
     model, tokenizer = _load(config.model, config.dtype, log)
     draft = _load(config.draft_model, config.dtype, log)[0] if config.draft_model else None
-    _warm_up(model, tokenizer)
+    chosen = _warm_up(model, tokenizer, config.kernels)  # what triespec's methods run on
     n_warm = config.n_warm or config.n
     plan = {w: W.load(w, config.n, "eval", log=log) for w in config.workloads}
     prompts = [len(chat_prompt(tokenizer, [{"role": "user", "content": t.turns[0]}])) for ts in plan.values() for t in ts]
-    curve = cost_curve(model, long_context=max(prompts) + config.max_new_tokens)
+    # one cost curve per kernels the methods run on: each method's forwards are priced by its own
+    curves = {}
+    for kernels in sorted({M.kernels_of(s, chosen) for s in specs} | {"torch"}):
+        curves[set_kernels(model, kernels)] = cost_curve(model, long_context=max(prompts) + config.max_new_tokens)
+    log("kernels: " + ", ".join(f"{s.name} on {M.kernels_of(s, chosen)}" for s in specs))
     total = sum(len(t.turns) for tasks in plan.values() for t in tasks) * len(specs)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
     records: list[Record] = []
@@ -108,8 +116,8 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
         if any(s.warm for s in specs):
             warm_tasks = W.load(workload, n_warm, "warm", log=log)
             log(f"{workload}: answering {len(warm_tasks)} warm-split tasks to warm the trie")
-            corpus = _answers(model, tokenizer, warm_tasks, config.max_new_tokens)
-        before, runners = runners, {s.name: M.build(s, model, tokenizer, draft) for s in specs}
+            corpus = _answers(model, tokenizer, warm_tasks, config.max_new_tokens, config.kernels)
+        before, runners = runners, {s.name: M.build(s, model, tokenizer, draft, config.kernels) for s in specs}
         for name, runner in runners.items():
             if name in before:
                 runner.carry(before[name])
@@ -122,12 +130,14 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
                 for spec in order:
                     chats[spec.name].append({"role": "user", "content": text})
                     ids = chat_prompt(tokenizer, chats[spec.name])
+                    ran = set_kernels(model, runners[spec.name].kernels)  # outside the measured call: it repacks
                     out, peak = _measure(lambda: runners[spec.name].run(ids, config.max_new_tokens))
                     chats[spec.name].append({"role": "assistant", "content": answer_text(tokenizer, out.token_ids)})
                     history[spec.name].append((ids, out.token_ids))
                     records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
                                           out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids,
-                                          out.fed, out.cached, out.forward_seconds, out.curve, ids))
+                                          out.fed, out.cached, out.forward_seconds, out.curve, ids,
+                                          ran))
                     bar.update()
         oracle[workload] = {
             "cold": copy_oracle(history[M.PLAIN], []),
@@ -138,7 +148,8 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
         "config": {**asdict(config), "methods": list(config.method_names())},
         "machine": machine(),
         "oracle": oracle,
-        "cost_curve": curve,
+        "cost_curve": curves["torch"],  # plain's (torch's kernels)
+        "cost_curves": curves,  # by kernels
         "records": [asdict(r) for r in records],
     }
     results["summary"] = summarise(results)
@@ -235,7 +246,7 @@ def summarise(results: dict) -> dict:
     # take another path (rounding), and speeds over different texts are not comparable
     plain_ids = {_gen(r): r["token_ids"] for r in results["records"] if r["method"] == M.PLAIN}
     differ = {_gen(r) for r in results["records"] if r["token_ids"] != plain_ids[_gen(r)]}
-    curve = results.get("cost_curve")
+    curves = results.get("cost_curves") or {"torch": results.get("cost_curve")}  # runs before 2026-12-03: one
     summary: dict[str, dict] = {}
     for (workload, method), rows in by_key.items():
         plain = {(r["task"], r["turn"]): r for r in by_key[(workload, M.PLAIN)]}
@@ -252,9 +263,14 @@ def summarise(results: dict) -> dict:
         same_rows = [r for r in rows if _gen(r) not in differ]
 
         def modelled_speedup(subset: list[dict]) -> float | None:
-            if not curve or not subset:
+            """Each record priced by the curve of the kernels it ran on."""
+            if not subset or not all(curves.get(r.get("kernels", "torch")) for r in subset) or not curves.get("torch"):
                 return None
-            return _ratio(modelled(subset, curve), modelled([plain[(r["task"], r["turn"])] for r in subset], curve))
+            own = [modelled([r], curves[r.get("kernels", "torch")]) for r in subset]
+            if any(o is None for o in own):
+                return None
+            base = modelled([plain[(r["task"], r["turn"])] for r in subset], curves["torch"])
+            return _ratio((sum(t for t, _ in own), sum(s for _, s in own)), base)
 
         def decode_speedup(subset: list[dict]) -> float | None:
             return _ratio(after_prefill(subset), after_prefill([plain[(r["task"], r["turn"])] for r in subset]))
@@ -361,9 +377,10 @@ def answer_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _answers(model, tokenizer, tasks, max_new_tokens: int) -> list[list[int]]:
-    """The model's own greedy answers to every turn of `tasks` (token ids)."""
-    engine = M.Triespec(M.parse("trie"), model, tokenizer)
+def _answers(model, tokenizer, tasks, max_new_tokens: int, kernels: str = "auto") -> list[list[int]]:
+    """The model's own greedy answers to every turn of `tasks` (token ids), on the
+    kernels triespec's methods run on."""
+    engine = M.Triespec(M.parse("trie"), model, tokenizer, kernels=kernels)
     answers = []
     for task in tasks:
         chat = []
@@ -375,11 +392,17 @@ def _answers(model, tokenizer, tasks, max_new_tokens: int) -> list[list[int]]:
     return answers
 
 
-def _warm_up(model, tokenizer) -> None:
-    """One short untimed generation each way, so first-call costs are not measured."""
+def _warm_up(model, tokenizer, kernels: str = "auto") -> str:
+    """One short untimed generation each way, so first-call costs are not measured (and,
+    with kernels="auto", the kernels are chosen once here)."""
     ids = chat_prompt(tokenizer, [{"role": "user", "content": "Say hello."}])
+    set_kernels(model, "torch")
     M.Generate(M.parse("plain"), model).run(ids, 4)
-    M.Triespec(M.parse("trie"), model, tokenizer).run(ids + ids, 4)
+    runner = M.Triespec(M.parse("trie"), model, tokenizer, kernels=kernels)
+    runner.run(ids + ids, 4)
+    if runner.kernels == "packed":
+        M.Generate(M.parse("plain"), model).run(ids, 4)
+    return runner.kernels
 
 
 def _measure(call):

@@ -1,0 +1,93 @@
+"""Micro-benchmark: each linear shape of a model, fed M = 1..32 rows, on torch's kernel
+(`F.linear`) and on oneDNN with the weight packed once (`triespec.kernels`); a markdown
+table of milliseconds per call (the fastest of --repeats), the largest difference
+between the two, and whether a row's packed result is bit-identical alone and among
+the other rows. Random weights of the model's shapes: nothing is downloaded.
+
+    python scripts/linear_kernels.py --model smollm2-135m --dtype float32
+    python scripts/linear_kernels.py --model path/to/folder_with_config.json --dtype bfloat16
+
+Run it alone: the other load of a shared machine moves every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from triespec.kernels import pack_weight, packed_linear, unavailable
+
+# hidden, intermediate, attention heads x head size, kv heads x head size, vocabulary, tied output
+PRESETS = {
+    "smollm2-135m": dict(hidden=576, intermediate=1536, q=9 * 64, kv=3 * 64, vocab=49152, tied=True),
+    "qwen2.5-coder-0.5b": dict(hidden=896, intermediate=4864, q=14 * 64, kv=2 * 64, vocab=151936, tied=True),
+    "qwen2.5-coder-1.5b": dict(hidden=1536, intermediate=8960, q=12 * 128, kv=2 * 128, vocab=151936, tied=True),
+}
+ROWS = (1, 2, 4, 8, 16, 32)
+
+
+def shapes(model: str) -> dict:
+    if model in PRESETS:
+        p = PRESETS[model]
+    else:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(model).get_text_config()
+        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        p = dict(hidden=c.hidden_size, intermediate=c.intermediate_size, q=c.num_attention_heads * head,
+                 kv=c.num_key_value_heads * head, vocab=c.vocab_size, tied=c.tie_word_embeddings)
+    h = p["hidden"]
+    return {"q_proj": (h, p["q"]), "k_proj, v_proj": (h, p["kv"]), "o_proj": (p["q"], h),
+            "gate_proj, up_proj": (h, p["intermediate"]), "down_proj": (p["intermediate"], h),
+            "lm_head" + (" (tied)" if p["tied"] else ""): (h, p["vocab"])}
+
+
+def best_ms(f, repeats: int) -> float:
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help=f"{', '.join(PRESETS)} or a folder with a config.json")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=15, help="best of this many calls per cell")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated M")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    why = unavailable(dtype)
+    if why:
+        raise SystemExit(f"packed kernels unavailable: {why}")
+    rows = [int(m) for m in args.rows.split(",")]
+    g = torch.Generator().manual_seed(0)
+    print(f"{args.model}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.backends.cpu.get_cpu_capability()}; ms per call, best of {args.repeats}\n")
+    print("| layer | K→N | kernel | " + " | ".join(f"M={m}" for m in rows) + " | max abs diff | row alone = among M |")
+    print("|---|---|---|" + "---:|" * len(rows) + "---:|---|")
+    with torch.inference_mode():
+        for name, (k, n) in shapes(args.model).items():
+            w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+            packed = pack_weight(w)
+            xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in rows}
+            plain = [best_ms(lambda: F.linear(xs[m], w), args.repeats) for m in rows]
+            fast = [best_ms(lambda: packed_linear(xs[m], packed), args.repeats) for m in rows]
+            diff = max((packed_linear(x, packed).float() - F.linear(x, w).float()).abs().max().item() for x in xs.values())
+            x = xs[max(rows)]
+            alone = all(torch.equal(packed_linear(x[i:i + 1], packed), packed_linear(x, packed)[i:i + 1])
+                        for i in range(x.shape[0]))
+            alone_torch = all(torch.equal(F.linear(x[i:i + 1], w), F.linear(x, w)[i:i + 1]) for i in range(x.shape[0]))
+            same = f"packed {'yes' if alone else 'NO'}, F.linear {'yes' if alone_torch else 'no'}"
+            print(f"| {name} | {k}→{n} | F.linear | " + " | ".join(f"{t:.2f}" for t in plain) + " | | |")
+            print("| | | packed | " + " | ".join(f"{t:.2f}" for t in fast) + f" | {diff:.1e} | {same} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
