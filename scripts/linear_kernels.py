@@ -23,8 +23,8 @@ from triespec.kernels import pack_weight, packed_linear, unavailable
 # hidden, intermediate, attention heads x head size, kv heads x head size, vocabulary, tied output
 PRESETS = {
     "smollm2-135m": dict(hidden=576, intermediate=1536, q=9 * 64, kv=3 * 64, vocab=49152, tied=True),
-    "qwen2.5-coder-0.5b": dict(hidden=896, intermediate=4864, q=14 * 64, kv=2 * 64, vocab=151936, tied=True),
-    "qwen2.5-coder-1.5b": dict(hidden=1536, intermediate=8960, q=12 * 128, kv=2 * 128, vocab=151936, tied=True),
+    "qwen2.5-coder-0.5b": dict(hidden=896, intermediate=4864, q=14 * 64, kv=2 * 64, vocab=151936, tied=False),
+    "qwen2.5-coder-1.5b": dict(hidden=1536, intermediate=8960, q=12 * 128, kv=2 * 128, vocab=151936, tied=False),
 }
 ROWS = (1, 2, 4, 8, 16, 32)
 

@@ -244,3 +244,23 @@ def test_modelled_speedups_price_each_method_by_its_own_kernels_curve():
                "records": [record("plain", "torch", [10] + [1] * 8), record("plain-packed", "packed", [10] + [1] * 8)]}
     summary = harness.summarise(results)["qa"]
     assert summary["plain"]["speedup_modelled"] == 1.0 and summary["plain-packed"]["speedup_modelled"] == 2.0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "foreign", "no choice"])
+def test_a_damaged_kernel_choice_is_ignored_with_a_warning_and_timed_again(tmp_path, monkeypatch, damage):
+    import json
+
+    timed = []
+    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: timed.append(1) or [0.001] * len(sizes))
+    store = KernelStore.open(tmp_path, make_model("llama"), None, 9)
+    store.save("packed", {})
+    data = json.loads(store.path.read_text())
+    if damage == "garbage":
+        store.path.write_text("{not json")
+    else:
+        data.update({"key": {**data["key"], "cpu": "another"}} if damage == "foreign" else {"kernels": "fast"})
+        store.path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="ignoring the saved kernel choice"):
+        engine = Engine(make_model("llama"), decoding_length=8, budget_cache=tmp_path)
+    assert timed and engine.kernels == "torch"  # equal times: ties go to torch's
+    assert store.load() == "torch"  # written over
