@@ -13,6 +13,7 @@ Run it alone: the other load of a shared machine moves every figure.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -45,14 +46,18 @@ def shapes(model: str) -> dict:
             "lm_head" + (" (tied)" if p["tied"] else ""): (h, p["vocab"])}
 
 
-def best_ms(f, repeats: int) -> float:
-    f()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+def best_ms(calls: list, repeats: int) -> list[float]:
+    """The fastest of `repeats` timings of each call, in milliseconds; the calls take turns,
+    so that a burst of another process's load falls on all of them alike."""
+    for f in calls:
         f()
-        best = min(best, time.perf_counter() - t)
-    return best * 1000
+    best = [float("inf")] * len(calls)
+    for _ in range(repeats):
+        for i, f in enumerate(calls):
+            t = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return [1000 * b for b in best]
 
 
 def main() -> None:
@@ -69,7 +74,8 @@ def main() -> None:
     rows = [int(m) for m in args.rows.split(",")]
     g = torch.Generator().manual_seed(0)
     print(f"{args.model}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}; ms per call, best of {args.repeats}\n")
+          f"{torch.backends.cpu.get_cpu_capability()}; ms per call, best of {args.repeats}; "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     print("| layer | K→N | kernel | " + " | ".join(f"M={m}" for m in rows) + " | max abs diff | row alone = among M |")
     print("|---|---|---|" + "---:|" * len(rows) + "---:|---|")
     with torch.inference_mode():
@@ -77,8 +83,9 @@ def main() -> None:
             w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
             packed = pack_weight(w)
             xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in rows}
-            plain = [best_ms(lambda: F.linear(xs[m], w), args.repeats) for m in rows]
-            fast = [best_ms(lambda: packed_linear(xs[m], packed), args.repeats) for m in rows]
+            pairs = [best_ms([lambda x=xs[m]: F.linear(x, w), lambda x=xs[m]: packed_linear(x, packed)], args.repeats)
+                     for m in rows]
+            plain, fast = [a for a, _ in pairs], [b for _, b in pairs]
             diff = max((packed_linear(x, packed).float() - F.linear(x, w).float()).abs().max().item() for x in xs.values())
             x = xs[max(rows)]
             alone = all(torch.equal(packed_linear(x[i:i + 1], packed), packed_linear(x, packed)[i:i + 1])

@@ -39,7 +39,7 @@ TRANSFORMERS = {
     "prompt-lookup": {"prompt_lookup_num_tokens": 10},
     "assisted": {},  # assistant_model added when built
 }
-DEFAULT = ("plain", "prompt-lookup", "trie", "trie:warm", "trie:fixed", "trie:fixed:warm")
+DEFAULT = ("plain", "plain-packed", "prompt-lookup", "trie", "trie:warm", "trie:fixed", "trie:fixed:warm")
 WITH_DRAFT_MODEL = ("assisted", "model", "hybrid", "hybrid:warm")
 MODES = ("hierarchical", "parallel", "single")
 
