@@ -264,3 +264,20 @@ def test_a_damaged_kernel_choice_is_ignored_with_a_warning_and_timed_again(tmp_p
         engine = Engine(make_model("llama"), decoding_length=8, budget_cache=tmp_path)
     assert timed and engine.kernels == "torch"  # equal times: ties go to torch's
     assert store.load() == "torch"  # written over
+
+
+def test_the_micro_benchmark_script_prints_every_shape(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_config
+
+    tiny_config("qwen2").save_pretrained(tmp_path)
+    script = Path(__file__).parent.parent / "scripts" / "linear_kernels.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--rows", "1,3", "--repeats", "1",
+                           "--clock", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 * 6  # the header, two lines per shape (q, k/v, o, gate/up, down, lm_head)
+    assert "| lm_head | 64→96 | F.linear |" in done.stdout and "packed yes" in done.stdout
