@@ -137,7 +137,20 @@ def pack(model: nn.Module) -> int:
             continue
         _replace(model, name, PackedLinear(module))
         count += 1
+    if count:
+        _own_parameters(model)
     return count
+
+
+def _own_parameters(model: nn.Module) -> None:
+    """Give the parameters left dense (embeddings, norms, biases) memory of their own: a
+    checkpoint loaded from safetensors maps its file, and one tensor still viewing the
+    mapping keeps the whole file resident, the dropped dense weights included
+    (docs/kernels.md). `.data` is replaced, not the Parameter, so weights tied to one
+    another stay tied."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
 
 
 def unpack(model: nn.Module) -> int:
