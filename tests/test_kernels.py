@@ -281,3 +281,13 @@ def test_the_micro_benchmark_script_prints_every_shape(tmp_path):
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2 * 6  # the header, two lines per shape (q, k/v, o, gate/up, down, lm_head)
     assert "| lm_head | 64→96 | F.linear |" in done.stdout and "packed yes" in done.stdout
+
+
+def test_a_model_packed_by_the_timing_runs_outside_inference_mode(monkeypatch):
+    """`choose` times inside inference mode; the weights it packs must still serve an
+    ordinary forward afterwards (inference tensors would raise there)."""
+    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: [
+        0.001 * (0.5 if kernels.current(model) == "packed" else 1.0) for _ in sizes])
+    model = make_model("llama")
+    assert kernels.choose(model, 8)[0] == "packed"
+    model(input_ids=torch.arange(6)[None])  # grad mode on, no inference mode

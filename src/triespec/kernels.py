@@ -236,7 +236,6 @@ def sizes_to_time(max_tokens: int) -> list[int]:
     return sizes + ([max_tokens] if max_tokens > 1 else [])
 
 
-@torch.inference_mode()
 def choose(model: nn.Module, max_tokens: int = 33, repeats: int = 2) -> tuple[str, dict]:
     """Time the model's forwards of `sizes_to_time(max_tokens)` tokens on both kernels (the
     fastest of `repeats` passes, after a warm-up of each size), leave the model on the faster by
@@ -257,6 +256,7 @@ def choose(model: nn.Module, max_tokens: int = 33, repeats: int = 2) -> tuple[st
     return choice, timings
 
 
+@torch.inference_mode()  # the forwards only: weights packed here would be inference tensors, unusable outside
 def _time_forwards(model: nn.Module, sizes: list[int], repeats: int) -> list[float]:
     """Seconds of a forward over n tokens (no cache, logits of every token), best of
     `repeats` passes over all the sizes, after a warm-up forward of each."""
