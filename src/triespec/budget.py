@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .kernels import current as current_kernels
 from .kv import keep_paths
 from .masks import Row, context_length, forward, pack, with_cache
 from .tree import KINDS, MODEL, TRIE, TokenTree
 
 
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {max_tokens: CostModel}
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(max_tokens, kernels): CostModel}
 
 
 class CostModel:
@@ -177,11 +178,13 @@ class CostModel:
         """The model's cost curve, once per process: engines of one model share it (the
         curve belongs to the model and the machine, and is refined by every engine). The
         first engine takes the curve `saved` on disk (budget_store) if there is one, else
-        measures it."""
+        measures it. A curve belongs to the kernels the model ran on (kernels.current): a
+        model moved to others gets its own."""
         curves = _MEASURED.setdefault(model, {})
-        if max_tokens not in curves:
-            curves[max_tokens] = saved if saved is not None else cls.measure(model, config, max_tokens)
-        return curves[max_tokens]
+        key = (max_tokens, current_kernels(model))
+        if key not in curves:
+            curves[key] = saved if saved is not None else cls.measure(model, config, max_tokens)
+        return curves[key]
 
     @classmethod
     @torch.inference_mode()

@@ -3,8 +3,8 @@ the last one learned instead of timing the model again.
 
 One small JSON file per *key*: the model (a hash of its config without its path, of its
 weights' names and shapes, and of its tokenizer's vocabulary), its dtype and device, the
-largest forward the budget prices (`max_tokens`: the decoding length + 1), and the
-machine (CPU model name and flags, torch and transformers versions, torch's threads):
+largest forward the budget prices (`max_tokens`: the decoding length + 1), the kernels its
+linear layers run on (`kernels.current`: "torch" or "packed"), and the machine (CPU model name and flags, torch and transformers versions, torch's threads):
 what a forward costs depends on all of these. Weights are keyed by shape, not value, so
 two fine-tunes of one model share a file: the curve is the same for both, and the
 calibration forgets (`Calibration.observe`). The file holds the cost curve
@@ -12,6 +12,10 @@ calibration forgets (`Calibration.observe`). The file holds the cost curve
 measured after and the per-cached-token cost) and the calibration
 (`budget.Calibration.state()`), with a magic string, the format version and the full
 key, compared on loading: a file name is a hash, and two keys could share one.
+
+Beside them, in the folder's `kernels/`, `KernelStore` keeps which kernels
+`kernels="auto"` chose for the model and machine (the same key, with "kernels": "auto"),
+so that a second start times nothing.
 
 Files live in `$TRIESPEC_BUDGET_CACHE`, else `$TRIESPEC_CACHE/budget`, else
 `~/.cache/triespec/budget`, or the directory an engine is given. Writes go to a
@@ -37,6 +41,7 @@ import torch
 import transformers
 
 from .budget import Calibration, CostModel
+from .kernels import current as current_kernels
 from .loading import cache_dir
 from .persist import fingerprint as vocabulary_fingerprint
 
@@ -103,7 +108,7 @@ def budget_key(model, tokenizer, max_tokens: int) -> dict:
     device = model.device
     key = {"model": model_fingerprint(model, tokenizer), "model_type": model.config.model_type,
            "dtype": str(model.dtype).removeprefix("torch."), "device": str(device), "max_tokens": max_tokens,
-           **machine()}
+           "kernels": current_kernels(model), **machine()}
     if device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)
     return key
@@ -179,6 +184,60 @@ class BudgetStore:
 
     def _ignore(self, why: str) -> None:
         warnings.warn(f"triespec: ignoring the saved budget {self.path}: it {why}; measuring again",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+class KernelStore:
+    """Which kernels `kernels.use(..., "auto")` chose for a model on this machine, and the
+    forward timings it chose by: one small JSON file in `kernels/` beside the budgets, keyed like them
+    with "kernels": "auto". `load` gives "torch", "packed" or None (nothing saved, or, with
+    a warning, a file that is not one of ours or was made for another key)."""
+
+    def __init__(self, folder: str | os.PathLike, key: dict):
+        self.key = {**key, "kernels": "auto"}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
+        prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{key.get('model_type', 'model')}-{key.get('dtype', '')}")
+        self.path = Path(folder) / "kernels" / f"{prefix}-{digest}.json"
+
+    @classmethod
+    def open(cls, where, model, tokenizer, max_tokens: int) -> KernelStore | None:
+        """The store of this model's choice in the folder `where` names (see `directory`),
+        or None when `where` says to keep nothing."""
+        folder = directory(where)
+        return None if folder is None else cls(folder, budget_key(model, tokenizer, max_tokens))
+
+    def load(self) -> str | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return self._ignore(f"cannot be read ({e})")
+        if not isinstance(data, dict) or data.get("magic") != MAGIC + "-kernels" or data.get("version") != VERSION:
+            return self._ignore("is not a triespec kernel choice of this version")
+        if data.get("key") != self.key:
+            return self._ignore(f"was made for another model or machine ({_difference(data.get('key'), self.key)})")
+        if data.get("kernels") not in ("torch", "packed"):
+            return self._ignore(f"names no kernels ({data.get('kernels')!r})")
+        return data["kernels"]
+
+    def save(self, choice: str, seconds: dict) -> None:
+        """Write the choice atomically; a failure warns and is otherwise ignored."""
+        data = {"magic": MAGIC + "-kernels", "version": VERSION, "key": self.key, "kernels": choice,
+                "seconds": seconds}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
+        except (OSError, ValueError) as e:
+            warnings.warn(f"triespec: the kernel choice could not be saved to {self.path}: {e}",
+                          RuntimeWarning, stacklevel=2)
+
+    def _ignore(self, why: str) -> None:
+        warnings.warn(f"triespec: ignoring the saved kernel choice {self.path}: it {why}; timing again",
                       RuntimeWarning, stacklevel=3)
         return None
 

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print text, token ids and stats as one JSON object")
     _budget_cache_arguments(gen)
+    _kernels_argument(gen)
     bench = commands.add_parser("bench", help="benchmark methods x workloads side by side (see docs/benchmarks.md)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_methods_help())
     bench.add_argument("--model", help="a name from `triespec models`, hub id, folder or .gguf (default: SmolLM2)")
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--quick", action="store_true", help="2 tasks per workload: minutes, not hours")
     bench.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
+    bench.add_argument("--kernels", default="auto", choices=["auto", "torch", "packed"],
+                       help="the kernels triespec's methods run on (default auto: the faster here, timed at the "
+                            "start); plain, prompt-lookup and assisted always run on torch's, plain-packed on packed")
     bench.set_defaults(run=_bench)
     models = commands.add_parser("models", help="list the benchmark models, or fetch them (`models fetch NAME...`)")
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the merged one")
     scale.add_argument("--max-nodes", type=int, default=500_000, help="node budget of the memory trie")
     _budget_cache_arguments(serve)
+    _kernels_argument(serve)
     warm = commands.add_parser("warm", help="fill a trie file from a JSONL corpus of past prompts and answers")
     warm.add_argument("corpus", help='JSON Lines: {"prompt", "completion"}, {"messages"} or {"text"} per line')
     warm.add_argument("--trie", required=True, help="trie file (.npz) to add to (created if missing)")
@@ -130,6 +135,7 @@ def _generate(args) -> int:
         dtype=args.dtype,
         adaptive=args.adaptive,
         budget_cache=_budget_cache(args),
+        kernels=args.kernels,
         **drafting,
     )
     chat = not args.raw and getattr(engine.tokenizer, "chat_template", None)
@@ -168,6 +174,7 @@ def _bench(args) -> int:
         max_new_tokens=args.max_new_tokens,
         **({"workloads": _csv(args.workloads)} if args.workloads else {}),
         methods=_csv(args.methods) if args.methods else None,
+        kernels=args.kernels,
     )
     harness.check(config)  # before loading anything
     _quiet_transformers()
@@ -287,10 +294,11 @@ def _serving_engine(args, path):
 
     if args.no_draft:
         model, tokenizer = load(path, dtype=args.dtype)
-        return Engine(model, tokenizer, drafter=NoDraft(), adaptive=False)
+        return Engine(model, tokenizer, drafter=NoDraft(), adaptive=False, budget_cache=_budget_cache(args),
+                      kernels=args.kernels)
     return Engine.from_pretrained(path, dtype=args.dtype, decoding_length=args.decoding_length,
                                   branch_length=args.branch_length, adaptive=args.adaptive,
-                                  budget_cache=_budget_cache(args))
+                                  budget_cache=_budget_cache(args), kernels=args.kernels)
 
 
 def _budget_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -300,6 +308,12 @@ def _budget_cache_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: $TRIESPEC_CACHE/budget, ~/.cache/triespec/budget)")
     where.add_argument("--no-budget-cache", action="store_true",
                        help="keep no budget between runs: time the model at every start")
+
+
+def _kernels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "packed"],
+                        help="what the model's linear layers run on: torch's kernels, oneDNN on weights packed "
+                             "once (CPU), or auto (default): the faster here, timed once and kept with the budget")
 
 
 def _budget_cache(args) -> str | bool:
@@ -317,7 +331,7 @@ def _warm(args) -> int:
         raise ValueError(f"{args.corpus}: no such file")
     _quiet_transformers()
     model, tokenizer = load(args.model or default_model_path(), dtype="float32")
-    engine = Engine(model, tokenizer, branch_length=args.branch_length, adaptive=False)  # it only learns
+    engine = Engine(model, tokenizer, branch_length=args.branch_length, adaptive=False, kernels="torch")  # it only learns
     fp = fingerprint(tokenizer, engine.vocab_size)
     calibration = None
     if Path(args.trie).exists():

@@ -12,14 +12,16 @@ import torch
 from transformers import DynamicCache, StopStringCriteria
 
 from .budget import Budget, CostModel, Watched, expected_tokens
-from .budget_store import BudgetStore, directory
+from .budget_store import BudgetStore, KernelStore, directory
 from .drafters import Drafter, NoDraft, TrieDrafter, build, check_drafter
+from .kernels import check as check_kernels, use as use_kernels
 from .kv import keep_paths
 from .masks import Row, check_tree_attention, context_length, forward, pack
 from .tree import TokenTree
 from .sampling import Sampling, TreeScores, sampling_settings
 from .verify import Verdict, verify_greedy, verify_sampling
 
+DRAFT_TOKENS = 4  # a draft model's forwards: the tokens committed since its last step, or one level of its tree
 SAMPLING_ARGS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logits_processor",
                  "seed", "generator"}
 
@@ -81,12 +83,20 @@ class Engine:
     cost curve to use instead of measuring one (tests, or a curve measured elsewhere).
     budget_cache: where the adaptive budget is kept between runs (budget_store.py): True,
     the default folder; a folder; False or None, nowhere (measured at every start).
+    kernels: what the model's linear layers run on (kernels.py): "torch", torch's own;
+    "packed", oneDNN on weights packed once (CPU; torch's, with a warning, where it cannot
+    run); "auto" (the default), the faster of the two for this engine's forward sizes,
+    timed once per model and machine and kept with the budget. The engine sets them on
+    the model it is given (every user of that model then runs on them); `self.kernels`
+    says which it got. Draft models inside a given `drafter` are left as they are
+    (`from_pretrained` sets theirs).
     """
 
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, adaptive: bool = True,
                  cost: CostModel | None = None, budget_cache: str | os.PathLike | bool | None = True,
-                 **drafter_config):
+                 kernels: str = "auto", **drafter_config):
         directory(budget_cache)  # ValueError for anything but a folder, True, False or None
+        check_kernels(kernels)
         if drafter is not None and drafter_config:
             raise ValueError(f"pass either drafter= or drafter settings, not both (got {sorted(drafter_config)})")
         self.model = model
@@ -98,12 +108,15 @@ class Engine:
         self.context_length = context_length(self.config)
         self.eos_ids = _eos_ids(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # the kernels first: the cost curve and the budget's key belong to them
+        most = self.drafter.decoding_length + 1
+        store = KernelStore.open(budget_cache, model, tokenizer, most) if kernels == "auto" else None
+        self.kernels = use_kernels(model, kernels, most, store)
         check_tree_attention(model)
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
         self.budget: Budget | None = None
         self.budget_store: BudgetStore | None = None  # where the budget is kept between runs (None: nowhere)
         if adaptive and not isinstance(self.drafter, NoDraft):
-            most = self.drafter.decoding_length + 1
             saved = None  # (cost curve, calibration) from an earlier run on this model and machine
             if cost is None:
                 self.budget_store = BudgetStore.open(budget_cache, model, tokenizer, most)
@@ -116,7 +129,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="auto", device: str = "cpu", gguf_file: str | None = None,
                         draft_model=None, drafter: str | None = None, widths=None, adaptive: bool = True,
-                        budget_cache: str | os.PathLike | bool | None = True, **trie_config):
+                        budget_cache: str | os.PathLike | bool | None = True, kernels: str = "auto",
+                        **trie_config):
         """Load a model (hub id, folder or .gguf) and build its drafter.
 
         draft_model: None, or a path / hub id (or a list of them) of small models sharing
@@ -126,17 +140,27 @@ class Engine:
             the trie and the draft models in one tree, within the trie's decoding_length).
         widths: the draft models' expansion widths per depth (default: SpecInfer's).
         budget_cache: where the adaptive budget is kept between runs (see Engine).
+        kernels: "auto", "torch" or "packed", for the model and the draft models (see Engine;
+            a draft model's "auto" is timed for its own forwards, of up to 4 tokens).
         trie_config: TrieDrafter settings (decoding_length, branch_length, mode, ...).
         """
         from .loading import load
+
+        check_kernels(kernels)
+
+        def load_draft(path):
+            draft, draft_tokenizer = load(path, dtype=dtype, device=device)
+            store = KernelStore.open(budget_cache, draft, draft_tokenizer, DRAFT_TOKENS) if kernels == "auto" else None
+            use_kernels(draft, kernels, DRAFT_TOKENS, store)
+            return draft, draft_tokenizer
 
         paths = [] if draft_model is None else [draft_model] if isinstance(draft_model, (str, bytes)) or not \
             isinstance(draft_model, Sequence) else list(draft_model)
         # the drafter first: its settings are checked before any model is loaded
         chosen = build(drafter or ("hybrid" if paths else "trie"), paths,
-                       lambda path: load(path, dtype=dtype, device=device), widths=widths, **trie_config)
+                       load_draft, widths=widths, **trie_config)
         model, tokenizer = load(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file)
-        return cls(model, tokenizer, drafter=chosen, adaptive=adaptive, budget_cache=budget_cache)
+        return cls(model, tokenizer, drafter=chosen, adaptive=adaptive, budget_cache=budget_cache, kernels=kernels)
 
     def encode(self, prompt) -> list[int]:
         """A string, a list of token ids, or chat messages ([{"role": ..., "content": ...}])."""

@@ -138,6 +138,7 @@ class ReplayEngine(Engine):
     Engine's (`adaptive`, `drafter`, or TrieDrafter settings)."""
 
     def __init__(self, oracle: Oracle, adaptive: bool = True, cost: CostModel | None = None, **settings):
+        settings.setdefault("kernels", "torch")  # the stand-in model never runs: nothing to choose
         super().__init__(stand_in(oracle.vocab_size, oracle.context_length), adaptive=adaptive,
                          cost=cost if cost is not None else oracle.charge, **settings)
         self.oracle = oracle

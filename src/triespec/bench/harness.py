@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+from ..kernels import check as check_kernels, set_kernels
 from . import methods as M
 
 ORACLE_DEPTH = 24  # the deepest branch the oracle may accept per step: triespec's default branch length
@@ -36,6 +37,7 @@ class Config:
     n_warm: int | None = None  # warm tasks per workload (None: n)
     max_new_tokens: int = 128
     draft_model: str | None = None
+    kernels: str = "auto"  # what triespec's methods run on (plain: torch's; plain-packed: packed)
 
     def method_names(self) -> tuple[str, ...]:
         if self.methods:
@@ -61,6 +63,7 @@ class Record:
     forward_seconds: list[float] = field(default_factory=list)  # each target forward's wall clock
     curve: list[tuple[int, float]] | None = None  # an adaptive engine's cost curve after the call: (tokens, seconds)
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # what was fed: replays need no data set
+    kernels: str = "torch"  # what the model's linear layers ran on (triespec.kernels)
 
 
 def check(config: Config) -> list[M.Spec]:
@@ -71,6 +74,7 @@ def check(config: Config) -> list[M.Spec]:
         raise ValueError("n and n_warm must be >= 1")
     if config.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    check_kernels(config.kernels)
     unknown = [w for w in config.workloads if w not in WORKLOADS]
     if unknown or not config.workloads:
         raise ValueError(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
@@ -93,11 +97,15 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
     specs = check(config)
     model, tokenizer = _load(config.model, config.dtype, log)
     draft = _load(config.draft_model, config.dtype, log)[0] if config.draft_model else None
-    _warm_up(model, tokenizer)
+    chosen = _warm_up(model, tokenizer, config.kernels)  # what triespec's methods run on
     n_warm = config.n_warm or config.n
     plan = {w: W.load(w, config.n, "eval", log=log) for w in config.workloads}
     prompts = [len(chat_prompt(tokenizer, [{"role": "user", "content": t.turns[0]}])) for ts in plan.values() for t in ts]
-    curve = cost_curve(model, long_context=max(prompts) + config.max_new_tokens)
+    # one cost curve per kernels the methods run on: each method's forwards are priced by its own
+    curves = {}
+    for kernels in sorted({M.kernels_of(s, chosen) for s in specs} | {"torch"}):
+        curves[set_kernels(model, kernels)] = cost_curve(model, long_context=max(prompts) + config.max_new_tokens)
+    log("kernels: " + ", ".join(f"{s.name} on {M.kernels_of(s, chosen)}" for s in specs))
     total = sum(len(t.turns) for tasks in plan.values() for t in tasks) * len(specs)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=not progress)
     records: list[Record] = []
@@ -108,8 +116,8 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
         if any(s.warm for s in specs):
             warm_tasks = W.load(workload, n_warm, "warm", log=log)
             log(f"{workload}: answering {len(warm_tasks)} warm-split tasks to warm the trie")
-            corpus = _answers(model, tokenizer, warm_tasks, config.max_new_tokens)
-        before, runners = runners, {s.name: M.build(s, model, tokenizer, draft) for s in specs}
+            corpus = _answers(model, tokenizer, warm_tasks, config.max_new_tokens, config.kernels)
+        before, runners = runners, {s.name: M.build(s, model, tokenizer, draft, config.kernels) for s in specs}
         for name, runner in runners.items():
             if name in before:
                 runner.carry(before[name])
@@ -122,12 +130,14 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
                 for spec in order:
                     chats[spec.name].append({"role": "user", "content": text})
                     ids = chat_prompt(tokenizer, chats[spec.name])
+                    ran = set_kernels(model, runners[spec.name].kernels)  # outside the measured call: it repacks
                     out, peak = _measure(lambda: runners[spec.name].run(ids, config.max_new_tokens))
                     chats[spec.name].append({"role": "assistant", "content": answer_text(tokenizer, out.token_ids)})
                     history[spec.name].append((ids, out.token_ids))
                     records.append(Record(workload, task.id, turn, spec.name, len(ids), len(out.token_ids),
                                           out.seconds, out.tokens_per_step, out.draft_seconds, peak, out.token_ids,
-                                          out.fed, out.cached, out.forward_seconds, out.curve, ids))
+                                          out.fed, out.cached, out.forward_seconds, out.curve, ids,
+                                          ran))
                     bar.update()
         oracle[workload] = {
             "cold": copy_oracle(history[M.PLAIN], []),
@@ -138,7 +148,8 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
         "config": {**asdict(config), "methods": list(config.method_names())},
         "machine": machine(),
         "oracle": oracle,
-        "cost_curve": curve,
+        "cost_curve": curves["torch"],  # plain's (torch's kernels)
+        "cost_curves": curves,  # by kernels
         "records": [asdict(r) for r in records],
     }
     results["summary"] = summarise(results)
@@ -236,7 +247,7 @@ def summarise(results: dict) -> dict:
     # take another path (rounding), and speeds over different texts are not comparable
     plain_ids = {_gen(r): r["token_ids"] for r in results["records"] if r["method"] == M.PLAIN}
     differ = {_gen(r) for r in results["records"] if r["token_ids"] != plain_ids[_gen(r)]}
-    curve = results.get("cost_curve")
+    curves = _curves(results)
     summary: dict[str, dict] = {}
     for (workload, method), rows in by_key.items():
         plain = {(r["task"], r["turn"]): r for r in by_key[(workload, M.PLAIN)]}
@@ -253,15 +264,16 @@ def summarise(results: dict) -> dict:
         same_rows = [r for r in rows if _gen(r) not in differ]
 
         def modelled_speedup(subset: list[dict]) -> float | None:
-            if not curve or not subset or spec.base in UNPRICED:
+            if not subset or spec.base in UNPRICED:
                 return None
-            return _ratio(modelled(subset, curve), modelled([plain[(r["task"], r["turn"])] for r in subset], curve))
+            return _ratio(_priced(subset, "modelled", curves),
+                          _priced([plain[(r["task"], r["turn"])] for r in subset], "modelled", curves))
 
         def decode_speedup(subset: list[dict]) -> float | None:
             return _ratio(after_prefill(subset), after_prefill([plain[(r["task"], r["turn"])] for r in subset]))
 
         decode_fed = [f for r in rows for f in r.get("fed", [])[1:]]
-        intervals = {key: None if figure == "modelled" and spec.base in UNPRICED else _interval(rows, plain, figure, curve)
+        intervals = {key: None if figure == "modelled" and spec.base in UNPRICED else _interval(rows, plain, figure, curves)
                      for key, figure in FIGURES.items()}
         summary.setdefault(workload, {})[method] = {
             **{f"{key}_interval": None if i is None else i.as_list() for key, i in intervals.items()},
@@ -295,30 +307,41 @@ def summarise(results: dict) -> dict:
 FIGURES = {"speedup": "wall", "speedup_decode": "after_prefill", "speedup_modelled": "modelled"}
 
 
-def _priced(records: list[dict], figure: str, curve: dict | None) -> tuple[float, float] | None:
-    """(tokens, seconds) of `records` by one of FIGURES' ways; None where it cannot be had."""
+def _curves(results: dict) -> dict[str, dict]:
+    """The run's cost curves by the kernels they were measured on (runs before 2026-12-03
+    measured torch's only)."""
+    return results.get("cost_curves") or ({"torch": results["cost_curve"]} if results.get("cost_curve") else {})
+
+
+def _priced(records: list[dict], figure: str, curves: dict[str, dict]) -> tuple[float, float] | None:
+    """(tokens, seconds) of `records` by one of FIGURES' ways, each record's forwards priced
+    by the curve of the kernels it ran on; None where it cannot be had."""
     if figure == "wall":
         return sum(r["new_tokens"] for r in records), sum(r["seconds"] for r in records)
     if figure == "after_prefill":
         return after_prefill(records)
-    return modelled(records, curve) if curve else None
+    own = [modelled([r], curves[r.get("kernels", "torch")]) if curves.get(r.get("kernels", "torch")) else None
+           for r in records]
+    if not own or any(o is None for o in own):
+        return None
+    return sum(t for t, _ in own), sum(s for _, s in own)
 
 
-def _per_task(rows: list[dict], figure: str, curve: dict | None) -> tuple[list, list] | None:
+def _per_task(rows: list[dict], figure: str, curves: dict[str, dict]) -> tuple[list, list] | None:
     """Per task (its turns together): tokens and seconds, aligned by task order of `rows`."""
     tasks: dict[str, list[dict]] = {}
     for r in rows:
         tasks.setdefault(r["task"], []).append(r)
-    priced = [_priced(records, figure, curve) for records in tasks.values()]
+    priced = [_priced(records, figure, curves) for records in tasks.values()]
     if any(p is None for p in priced):
         return None
     return [p[0] for p in priced], [p[1] for p in priced]
 
 
-def _interval(rows: list[dict], plain: dict, figure: str, curve: dict | None):
+def _interval(rows: list[dict], plain: dict, figure: str, curves: dict[str, dict]):
     """The bootstrap interval over tasks of `rows`' speed-up over plain's on the same generations."""
-    return _paired(_per_task(rows, figure, curve),
-                   _per_task([plain[(r["task"], r["turn"])] for r in rows], figure, curve))
+    return _paired(_per_task(rows, figure, curves),
+                   _per_task([plain[(r["task"], r["turn"])] for r in rows], figure, curves))
 
 
 def _paired(mine, theirs):
@@ -338,7 +361,7 @@ def comparisons(results: dict, figure: str = "modelled") -> dict[str, list[dict]
     """Per workload: each triespec method against each peer in the run (transformers' own
     speculation, SuffixDecoding), the ratio of their speed-ups with a paired bootstrap
     interval over tasks; `real` when the interval excludes 1."""
-    curve = results.get("cost_curve")
+    curves = _curves(results)
     out: dict[str, list[dict]] = {}
     by_key: dict[tuple[str, str], list[dict]] = {}
     for r in results["records"]:
@@ -351,7 +374,7 @@ def comparisons(results: dict, figure: str = "modelled") -> dict[str, list[dict]
             for peer in peers:
                 # a method whose draft forwards are not timed cannot be modelled: by the clock instead
                 how = "after_prefill" if figure == "modelled" and M.parse(peer).base in UNPRICED else figure
-                i = _paired(*(_per_task(by_key[(workload, m)], how, curve) for m in (method, peer)))
+                i = _paired(*(_per_task(by_key[(workload, m)], how, curves) for m in (method, peer)))
                 if i is None:
                     continue
                 out.setdefault(workload, []).append({"method": method, "peer": peer, "figure": how,
@@ -439,9 +462,10 @@ def answer_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _answers(model, tokenizer, tasks, max_new_tokens: int) -> list[list[int]]:
-    """The model's own greedy answers to every turn of `tasks` (token ids)."""
-    engine = M.Triespec(M.parse("trie"), model, tokenizer)
+def _answers(model, tokenizer, tasks, max_new_tokens: int, kernels: str = "auto") -> list[list[int]]:
+    """The model's own greedy answers to every turn of `tasks` (token ids), on the
+    kernels triespec's methods run on."""
+    engine = M.Triespec(M.parse("trie"), model, tokenizer, kernels=kernels)
     answers = []
     for task in tasks:
         chat = []
@@ -453,11 +477,17 @@ def _answers(model, tokenizer, tasks, max_new_tokens: int) -> list[list[int]]:
     return answers
 
 
-def _warm_up(model, tokenizer) -> None:
-    """One short untimed generation each way, so first-call costs are not measured."""
+def _warm_up(model, tokenizer, kernels: str = "auto") -> str:
+    """One short untimed generation each way, so first-call costs are not measured (and,
+    with kernels="auto", the kernels are chosen once here)."""
     ids = chat_prompt(tokenizer, [{"role": "user", "content": "Say hello."}])
+    set_kernels(model, "torch")
     M.Generate(M.parse("plain"), model).run(ids, 4)
-    M.Triespec(M.parse("trie"), model, tokenizer).run(ids + ids, 4)
+    runner = M.Triespec(M.parse("trie"), model, tokenizer, kernels=kernels)
+    runner.run(ids + ids, 4)
+    if runner.kernels == "packed":
+        M.Generate(M.parse("plain"), model).run(ids, 4)
+    return runner.kernels
 
 
 def _measure(call):

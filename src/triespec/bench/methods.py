@@ -2,7 +2,9 @@
 
 A method is named by a spec string:
 
-    plain              model.generate, greedy
+    plain              model.generate, greedy, on torch's kernels: the unmodified model
+    plain-packed       model.generate, greedy, on packed kernels (triespec.kernels): what the
+                       kernels alone give, without speculation
     prompt-lookup[:N]  model.generate(prompt_lookup_num_tokens=N), transformers' n-gram lookup
                        (N: 10, transformers' documented setting, unless given)
     assisted           model.generate(assistant_model=draft), transformers' assisted decoding
@@ -11,6 +13,9 @@ A method is named by a spec string:
     hybrid[:opts]      triespec with the trie and the draft model merged
     suffix[:opts]      SuffixDecoding's drafts (arctic-inference's cache, vLLM's defaults),
                        verified by triespec's forward: drafter meets drafter on equal terms
+
+prompt-lookup and assisted run on torch's kernels like plain; triespec's methods (and
+suffix) on the kernels the run asks for (`--kernels`, default auto: the faster here).
 
 opts, separated by ':': `warm` (the drafter's memory first learns the model's own answers
 to a disjoint split of the workload, the Lookahead paper's protocol), `fixed` (verify
@@ -32,12 +37,14 @@ import torch
 from ..drafters import DRAFTERS, build as build_drafter
 
 PLAIN = "plain"
+PLAIN_PACKED = "plain-packed"
 TRANSFORMERS = {
     "plain": {},
+    PLAIN_PACKED: {},
     "prompt-lookup": {"prompt_lookup_num_tokens": 10},
     "assisted": {},  # assistant_model added when built
 }
-DEFAULT = ("plain", "prompt-lookup", "trie", "trie:warm", "trie:fixed", "trie:fixed:warm")
+DEFAULT = ("plain", "plain-packed", "prompt-lookup", "trie", "trie:warm", "trie:fixed", "trie:fixed:warm")
 WITH_DRAFT_MODEL = ("assisted", "model", "hybrid", "hybrid:warm")
 MODES = ("hierarchical", "parallel", "single")
 
@@ -117,7 +124,9 @@ def _number(text: str, kind) -> bool:
 
 
 class Generate:
-    """`model.generate`, plain or with transformers' own speculation.
+    """`model.generate`, plain or with transformers' own speculation; `kernels`: what the
+    model must run on for it ("packed" for plain-packed, else "torch": the harness puts
+    the model on them before each call).
 
     Steps are counted by a hook on the target's forward: each call after the prefill
     feeds [last token, candidates...] on top of a cache that holds everything before
@@ -127,6 +136,7 @@ class Generate:
 
     def __init__(self, spec: Spec, model, draft_model=None):
         self.spec, self.model = spec, model
+        self.kernels = kernels_of(spec, "torch")
         self.kwargs = {**TRANSFORMERS[spec.base], **spec.generate}
         if spec.base == "assisted":
             if draft_model is None:
@@ -156,15 +166,17 @@ class Generate:
 
 
 class Triespec:
-    """triespec's Engine with one drafter configuration; a fresh drafter memory per workload."""
+    """triespec's Engine with one drafter configuration; a fresh drafter memory per workload.
+    `kernels`: what the engine chose ("auto") or was told to run on."""
 
-    def __init__(self, spec: Spec, model, tokenizer, draft_model=None):
+    def __init__(self, spec: Spec, model, tokenizer, draft_model=None, kernels: str = "auto"):
         from ..engine import Engine
 
         self.spec = spec
         # budget_cache=False: a run starts from nothing kept by earlier runs, so it can be reproduced
         self.engine = Engine(model, tokenizer, drafter=_drafter(spec, draft_model), adaptive=spec.adaptive,
-                             budget_cache=False)
+                             budget_cache=False, kernels=kernels)
+        self.kernels = self.engine.kernels
 
     def carry(self, before: Triespec) -> None:
         """Go on from what `before` (this method, on the workload before) learned of what
@@ -230,12 +242,20 @@ def _forwards(model):
             hook.remove()
 
 
-def build(spec: Spec, model, tokenizer, draft_model=None):
+def kernels_of(spec: Spec, triespec_kernels: str) -> str:
+    """What `spec`'s runner runs the model on, triespec's methods running on `triespec_kernels`."""
+    if spec.base in TRANSFORMERS:
+        return "packed" if spec.base == PLAIN_PACKED else "torch"
+    return triespec_kernels
+
+
+def build(spec: Spec, model, tokenizer, draft_model=None, kernels: str = "auto"):
+    """The runner of `spec`; `kernels`: what triespec's methods run on (kernels.CHOICES)."""
     if spec.needs_draft_model and draft_model is None:
         raise ValueError(f"method {spec.name!r} needs a draft model (--draft-model)")
     if spec.base in TRANSFORMERS:
         return Generate(spec, model, draft_model)
-    return Triespec(spec, model, tokenizer, draft_model)
+    return Triespec(spec, model, tokenizer, draft_model, kernels)
 
 
 def _drafter(spec: Spec, draft_model):

@@ -1,0 +1,121 @@
+"""A model's forward cost by tokens fed, on torch's kernels and on packed ones
+(triespec.kernels), and each way's peak resident memory: a markdown table.
+
+Each kernel runs in a process of its own (so that peak memory is each one's alone):
+load the model, put it on the kernels, time forwards of 1, 2, 4, 8, 16 and 32 tokens
+after 64 cached tokens (budget.CostModel.measure, the fastest of --repeats passes over
+the sizes), then generate --new-tokens greedily with model.generate; peak RSS is the
+process's maximum. Run it alone: the other load of a shared machine moves every figure.
+
+    python scripts/forward_kernels.py --dtype float32
+    python scripts/forward_kernels.py --model qwen2.5-coder-1.5b --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def forward_times(model, repeats: int, context: int = 64) -> tuple[dict, dict]:
+    """Wall and CPU seconds (all threads) of a forward over n tokens, a chain, after
+    `context` cached tokens, for each n in SIZES: the fastest of `repeats` passes over the
+    sizes, after a warm-up pass (budget.CostModel.measure's forward, timed by both clocks)."""
+    import torch
+    from transformers import DynamicCache
+
+    from triespec.kv import keep_paths
+    from triespec.masks import Row, forward, pack, with_cache
+    from triespec.tree import TokenTree
+
+    cache = DynamicCache()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    model(input_ids=torch.arange(context, device=model.device)[None] % vocab, **with_cache(model, cache))
+    wall, cpu = {n: float("inf") for n in SIZES}, {n: float("inf") for n in SIZES}
+    for attempt in range(repeats + 1):
+        for n in SIZES:
+            packed = pack([Row([1], TokenTree.chain([1] * (n - 1)), context)], context, model.dtype, model.config,
+                          model.device)
+            w, c = time.perf_counter(), time.process_time()
+            forward(model, packed, cache, logits_to_keep=n)
+            w, c = time.perf_counter() - w, time.process_time() - c
+            keep_paths(cache, [(context, [])])
+            if attempt:  # the first pass warms up
+                wall[n], cpu[n] = min(wall[n], w), min(cpu[n], c)
+    return wall, cpu
+
+
+def one(model_name: str | None, dtype: str, kernels: str, repeats: int, new_tokens: int) -> dict:
+    """Measure one kernel in this process."""
+    import torch
+    from transformers.utils import logging
+
+    from triespec.bench.harness import model_path
+    from triespec.kernels import set_kernels
+    from triespec.loading import load
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    model, tokenizer = load(model_path(model_name, log=lambda line: None), dtype=dtype)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t1 = time.perf_counter()
+    ran = set_kernels(model, kernels)
+    switch = time.perf_counter() - t1
+    with torch.inference_mode():
+        wall, cpu = forward_times(model, repeats)
+        ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]])
+        t2 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens)
+        gen = time.perf_counter() - t2
+    return {"kernels": ran, "seconds": wall, "cpu_seconds": cpu, "load_s": round(t1 - t0, 1), "switch_s": round(switch, 2),
+            "generate_tok_s": round((out.shape[1] - ids.shape[1]) / gen, 2), "rss_loaded_mb": round(loaded),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a name from `triespec models`, a folder or .gguf (default: SmolLM2-135M)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated for the tokens/s column")
+    parser.add_argument("--one", choices=["torch", "packed"], help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.model, args.dtype, args.one, args.repeats, args.new_tokens)))
+        return
+    rows = []
+    for kernels in ("torch", "packed"):
+        cmd = [sys.executable, __file__, "--dtype", args.dtype, "--repeats", str(args.repeats),
+               "--new-tokens", str(args.new_tokens), "--one", kernels] + (["--model", args.model] if args.model else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if done.returncode:
+            raise SystemExit(done.stderr)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"{args.model or 'SmolLM2-135M-Instruct'}, {args.dtype}: ms per forward after 64 cached tokens "
+          f"(best of {args.repeats}) by tokens fed, wall clock and CPU time (both threads); greedy "
+          f"model.generate tokens/s; peak RSS; load average {os.getloadavg()[0]:.1f}\n")
+    print("| kernels | clock | " + " | ".join(map(str, SIZES)) + " | 8 / 1 | 16 / 1 | generate tok/s | "
+          "peak RSS MB | packing s |")
+    print("|---|---|" + "---:|" * (len(SIZES) + 5))
+    for r in rows:
+        for clock, key in (("wall", "seconds"), ("cpu", "cpu_seconds")):
+            s = {int(n): t for n, t in r[key].items()}
+            extra = f"{r['generate_tok_s']} | {r['peak_rss_mb']} | {r['switch_s']}" if clock == "wall" else " | |"
+            print(f"| {r['kernels']} | {clock} | " + " | ".join(f"{1000 * s[n]:.0f}" for n in SIZES)
+                  + f" | {s[8] / s[1]:.2f} | {s[16] / s[1]:.2f} | {extra} |")
+    same = rows[0]["tokens"] == rows[1]["tokens"]
+    print(f"\ngreedy output of model.generate identical on both kernels ({args.new_tokens} tokens): {same}")
+
+
+if __name__ == "__main__":
+    main()

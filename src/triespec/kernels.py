@@ -1,0 +1,316 @@
+"""Which CPU kernels a model's linear layers run on: torch's own, or oneDNN on weights
+packed once.
+
+torch sends a dense `nn.Linear` to a GEMM that may reorder (pack) the whole weight
+matrix on every call with more than one row, while one row takes a GEMV: so a forward
+over k tokens can cost several times one token's, although it reads the same weights.
+oneDNN can run the same products on weights reordered once into its blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, then `torch.ops.mkldnn._linear_pointwise`,
+the ops Inductor's CPU freezing pass uses). Whether that is faster depends on the CPU,
+the dtype and the shapes, so it is chosen by timing the model's own forwards, not by
+the CPU's name (`choose`, `use`).
+
+- `pack(model)` replaces every `nn.Linear` by a `PackedLinear` holding the packed
+  weight, and drops the dense one: no second dense copy. An output layer tied to the
+  input embeddings is left on torch's kernel: the embedding needs its dense rows, and a
+  packed copy would add vocabulary x hidden weights (21% of SmolLM2-135M's).
+- `unpack(model)` puts plain `nn.Linear` layers back, with the dense weights unchanged
+  bit for bit (the packing only changes the layout).
+- `current(model)` says which kernels a model runs on now ("torch" or "packed").
+
+The ops are private, so they are used only with the torch release they were tested
+with (`TESTED_TORCH`) and after a check against `F.linear` on this machine; anywhere
+else, or where they fail, `use` falls back to torch's kernels with a one-line warning.
+
+Exactness: the packed result of a row does not depend on the other rows fed with it
+(checked by the tests); it differs from `F.linear`'s by rounding (summation order), so
+greedy output on packed kernels is exactly plain greedy decoding on packed kernels, and
+may differ from `model.generate` on torch's kernels where two logits are within
+rounding, as in bf16.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHOICES = ("auto", "torch", "packed")
+TESTED_TORCH = ("2.13.",)  # releases the private oneDNN ops are used with
+DTYPES = (torch.float32, torch.bfloat16)
+WARM_SIZES = (1, 2, 4, 8, 16, 32, 33)  # the forwards a cold cost curve times (budget.CostModel.measure)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # max |packed - F.linear| of the start-up check
+
+log = logging.getLogger(__name__)
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what `choose` picked
+
+
+def check(kernels) -> str:
+    """`kernels` if it is one of CHOICES, else ValueError with the reason."""
+    if kernels not in CHOICES:
+        raise ValueError(f"kernels must be one of {', '.join(CHOICES)}, got {kernels!r}")
+    return kernels
+
+
+def unavailable(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> str | None:
+    """Why packed kernels cannot run for `dtype` on `device` here, or None if they can."""
+    if torch.device(device).type != "cpu":
+        return f"packed kernels are for the CPU, the model is on {device}"
+    if not torch.__version__.startswith(TESTED_TORCH):
+        return f"packed kernels are tested with torch {', '.join(v + 'x' for v in TESTED_TORCH)}, not {torch.__version__}"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch is built without oneDNN (mkldnn)"
+    if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
+        return "this torch lacks the oneDNN linear ops"
+    if dtype not in DTYPES:
+        return f"packed kernels take {', '.join(map(str, DTYPES))}, not {dtype}"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bf16 kernels on this CPU"
+    return _self_check(dtype)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight: [N, K] dense -> the same values in oneDNN's blocked layout (an opaque tensor
+    whose .shape is still [N, K])."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, bias) with `weight` = pack_weight(W). x: [..., K] -> [..., N]."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class PackedLinear(nn.Module):
+    """An `nn.Linear` whose weight is packed once for oneDNN. `weight` is a buffer of the
+    same name and shape (so state_dict names and shapes, and `.weight.shape`, are those
+    of the linear it replaces), in the packed layout: use `to_linear()` to get a dense
+    layer back."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.register_buffer("weight", pack_weight(linear.weight))
+        self.bias = linear.bias  # the same Parameter (or None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A dense nn.Linear with exactly the weights this one was made from."""
+        dense = self.weight.to_dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=dense.dtype)
+        linear.weight = nn.Parameter(dense, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def current(model: nn.Module) -> str:
+    """"packed" if some of the model's linear layers run on packed weights, else "torch"."""
+    return "packed" if any(isinstance(m, PackedLinear) for m in model.modules()) else "torch"
+
+
+def pack(model: nn.Module) -> int:
+    """Put every nn.Linear of `model` (a tied output layer excepted, see the module's
+    docstring) on packed weights; returns how many were packed. Layers whose weight is
+    not of a packable dtype or not on the CPU are left as they are."""
+    tied = _tied_output(model)
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is tied or module.weight.device.type != "cpu" \
+                or module.weight.dtype not in DTYPES:
+            continue
+        _replace(model, name, PackedLinear(module))
+        count += 1
+    if count:
+        _own_parameters(model)
+    return count
+
+
+def _own_parameters(model: nn.Module) -> None:
+    """Give the parameters left dense (embeddings, norms, biases) memory of their own: a
+    checkpoint loaded from safetensors maps its file, and one tensor still viewing the
+    mapping keeps the whole file resident, the dropped dense weights included
+    (docs/kernels.md). `.data` is replaced, not the Parameter, so weights tied to one
+    another stay tied."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
+
+
+def unpack(model: nn.Module) -> int:
+    """Put every PackedLinear of `model` back as a dense nn.Linear; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PackedLinear):
+            _replace(model, name, module.to_linear())
+            count += 1
+    return count
+
+
+def set_kernels(model: nn.Module, kernels: str) -> str:
+    """Put `model` on `kernels` ("torch" or "packed") and return it; packed kernels that
+    cannot run here fall back to "torch" with a one-line warning saying why."""
+    if kernels not in ("torch", "packed"):
+        raise ValueError(f"set_kernels takes 'torch' or 'packed', got {kernels!r}")
+    if kernels == current(model):
+        return kernels
+    if kernels == "torch":
+        unpack(model)
+        return "torch"
+    why = unavailable(model.dtype, model.device)
+    if why is None and not pack(model):
+        why = "the model has no linear layer to pack"
+    if why is not None:
+        warnings.warn(f"triespec: using torch's kernels: {why}", RuntimeWarning, stacklevel=2)
+        return "torch"
+    warm(model, WARM_SIZES)
+    return "packed"
+
+
+def use(model: nn.Module, kernels: str = "auto", max_tokens: int = 33, store=None) -> str:
+    """Put `model` on the kernels asked for and return which it runs on.
+
+    kernels: "torch", "packed" (falls back to "torch" with a warning where it cannot
+    run), or "auto": the faster of the two for forwards of 1 .. `max_tokens` tokens
+    (`choose`), timed once per model in a process and, given a `store` (an object with
+    `load() -> str | None` and `save(choice, seconds)`, as budget_store.KernelStore),
+    once per model and machine: a second start reads the choice and times nothing.
+    """
+    check(kernels)
+    if kernels != "auto":
+        return set_kernels(model, kernels)
+    if model in _CHOSEN:
+        return set_kernels(model, _CHOSEN[model])
+    why = unavailable(model.dtype, model.device)
+    if why is not None:  # nothing to choose from
+        log.info("triespec: kernels: torch's (%s)", why)
+        _CHOSEN[model] = "torch"
+        return set_kernels(model, "torch")
+    saved = store.load() if store is not None else None
+    if saved in ("torch", "packed"):
+        _CHOSEN[model] = saved
+        return set_kernels(model, saved)
+    choice, seconds = choose(model, max_tokens)
+    _CHOSEN[model] = choice
+    if store is not None:
+        store.save(choice, seconds)
+    return choice
+
+
+@torch.inference_mode()
+def warm(model: nn.Module, sizes) -> None:
+    """Call each distinct packed shape once with each number of rows in `sizes`: oneDNN
+    makes (JIT-compiles) a kernel the first time it sees a shape and a row count, some
+    milliseconds each, and a cost curve timed with those in it would price packed
+    forwards too dear."""
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and (key := (module.in_features, module.out_features,
+                                                         module.weight.dtype)) not in seen:
+            seen.add(key)
+            for n in sizes:
+                module(torch.zeros(n, module.in_features, dtype=module.weight.dtype))
+
+
+def sizes_to_time(max_tokens: int) -> list[int]:
+    """The forward sizes `choose` times: 1, 2, 4, ... and `max_tokens` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_tokens:
+        sizes.append(sizes[-1] * 2)
+    return sizes + ([max_tokens] if max_tokens > 1 else [])
+
+
+def choose(model: nn.Module, max_tokens: int = 33, repeats: int = 2) -> tuple[str, dict]:
+    """Time the model's forwards of `sizes_to_time(max_tokens)` tokens on both kernels (the
+    fastest of `repeats` passes, after a warm-up of each size), leave the model on the faster by
+    the sum over the sizes (ties go to torch's), and return (choice, {kernels: seconds}).
+    The sum weighs every size the engine may verify alike; one notice line says what was
+    chosen and why."""
+    sizes = sizes_to_time(max_tokens)
+    timings = {}
+    for kernels in ("torch", "packed"):
+        if set_kernels(model, kernels) != kernels:  # packing failed (warned): torch it is
+            return "torch", timings
+        timings[kernels] = _time_forwards(model, sizes, repeats)
+    total = {k: sum(v) for k, v in timings.items()}
+    choice = "packed" if total["packed"] < total["torch"] else "torch"
+    set_kernels(model, choice)
+    log.info("triespec: kernels: %s (forwards of %s tokens: torch %.3f s, packed %.3f s)", choice,
+             ",".join(map(str, sizes)), total["torch"], total["packed"])
+    return choice, timings
+
+
+@torch.inference_mode()  # the forwards only: weights packed here would be inference tensors, unusable outside
+def _time_forwards(model: nn.Module, sizes: list[int], repeats: int) -> list[float]:
+    """Seconds of a forward over n tokens (no cache, logits of every token), best of
+    `repeats` passes over all the sizes, after a warm-up forward of each."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def run(n: int) -> float:
+        ids = (torch.arange(n, device=model.device)[None] * 7 + 3) % vocab
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False, **({"logits_to_keep": n} if keep else {}))
+        return time.perf_counter() - start
+
+    for n in sizes:
+        run(n)
+    best = [float("inf")] * len(sizes)
+    for _ in range(repeats):
+        best = [min(b, run(n)) for b, n in zip(best, sizes)]
+    return best
+
+
+def _tied_output(model: nn.Module) -> nn.Module | None:
+    """The output layer if it shares its weight with the input embeddings, else None."""
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    emb = get_in() if callable(get_in) else None
+    if out is None or emb is None:
+        return None
+    return out if getattr(out, "weight", None) is getattr(emb, "weight", None) else None
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+_CHECKED: dict = {}  # dtype -> reason the ops failed their check here, or None
+
+
+def _self_check(dtype: torch.dtype) -> str | None:
+    """Run the ops once on a small matrix against F.linear: a build whose ops are there but
+    broken (or refuse this CPU) falls back instead of failing mid-generation."""
+    if dtype not in _CHECKED:
+        try:
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(48, 40, generator=g).to(dtype)
+            x = torch.randn(5, 40, generator=g).to(dtype)
+            with torch.no_grad():
+                diff = (packed_linear(x, pack_weight(w)).float() - F.linear(x, w).float()).abs().max().item()
+            _CHECKED[dtype] = None if diff <= TOLERANCE[dtype] * 10 else \
+                f"the oneDNN linear differs from F.linear by {diff:.2g} here"
+        except (RuntimeError, TypeError, AttributeError) as e:
+            _CHECKED[dtype] = f"the oneDNN linear ops fail here ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return _CHECKED[dtype]
+
+
+__all__: list[str] = ["CHOICES", "PackedLinear", "check", "choose", "current", "pack", "pack_weight",
+                      "packed_linear", "set_kernels", "unavailable", "unpack", "use", "warm"]

@@ -1,0 +1,293 @@
+"""Packed CPU kernels (triespec.kernels): each kernel against F.linear, a row's result
+against the rows fed with it, the engine's greedy output on packed kernels against plain
+greedy decoding on the same kernels, torch's kernels untouched, the choice by timing
+kept on disk, and the fallbacks."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import VOCAB, ScriptedDrafter, make_model, plain_greedy, repetitive_prompt
+from triespec import Engine, TokenTree, kernels
+from triespec.budget_store import BudgetStore, KernelStore
+from triespec.cli import build_parser
+from triespec.drafters import NoDraft
+
+pytestmark = pytest.mark.skipif(kernels.unavailable() is not None, reason=str(kernels.unavailable()))
+
+# max |packed - F.linear| in fp32 for unit inputs and weights of scale 0.02 (|y| ~ 1): the
+# two sum in different orders; fp32 rounding of such sums is ~1e-6, measured <= 3.1e-6
+FP32_TOLERANCE = 1e-5
+# the linear shapes of SmolLM2-135M (K -> N), Qwen2.5-Coder-1.5B's MLP, and odd sizes
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (1536, 8960), (8960, 1536), (64, 96), (37, 13)]
+
+
+def weights(k: int, n: int, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g) * 0.02).to(dtype), torch.randn(33, k, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_packed_linear_matches_f_linear(k, n):
+    w, x = weights(k, n)
+    packed = kernels.pack_weight(w)
+    assert packed.shape == w.shape  # the packed layout keeps the logical shape
+    for m in (1, 2, 3, 8, 16, 33):
+        diff = (kernels.packed_linear(x[:m], packed) - F.linear(x[:m], w)).abs().max().item()
+        assert diff <= FP32_TOLERANCE, (m, diff)
+    bias = torch.randn(n)
+    x3 = x[:12].reshape(3, 4, k)  # [B, S, K], as a model feeds it
+    out = kernels.packed_linear(x3, packed, bias)
+    assert out.shape == (3, 4, n)
+    assert (out - F.linear(x3, w, bias)).abs().max().item() <= FP32_TOLERANCE
+
+
+@pytest.mark.skipif(kernels.unavailable(torch.bfloat16) is not None, reason="no oneDNN bf16 here")
+@pytest.mark.parametrize("k,n", SHAPES[:5])
+def test_packed_linear_matches_f_linear_in_bf16(k, n):
+    w, x = weights(k, n, dtype=torch.bfloat16)
+    diff = (kernels.packed_linear(x, kernels.pack_weight(w)).float() - F.linear(x, w).float()).abs().max().item()
+    assert diff <= 2 ** -6  # a few bf16 ulps of |y| ~ 1: both round the same fp32 sums to bf16
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_a_rows_packed_result_does_not_depend_on_the_rows_fed_with_it(k, n):
+    """Among k >= 2 rows, a row's result is bit-identical whatever k and whatever the
+    other rows hold: a tree's node gets what the same node gets in any other k-token
+    forward. One row alone may take another kernel (a matrix-vector product: on the
+    2-core Xeon with AMX it did for K >= 1536 in fp32), equal within rounding; verification
+    compares a node's token only with the argmax of logits from the same forward."""
+    w, x = weights(k, n)
+    packed = kernels.pack_weight(w)
+    two = kernels.packed_linear(x[:2], packed)
+    for m in range(2, 34):
+        assert torch.equal(kernels.packed_linear(x[:m], packed)[:2], two), m
+    other = x.clone()
+    other[2:] = torch.randn(31, k, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(kernels.packed_linear(other, packed)[:2], kernels.packed_linear(x, packed)[:2])
+    alone = kernels.packed_linear(x[:1], packed)
+    assert (alone - two[:1]).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_pack_drops_the_dense_weights_and_unpack_restores_them_bit_for_bit():
+    model = make_model("llama")
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    dense_bytes = sum(p.numel() for p in model.parameters())
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert kernels.pack(model) == len(linears) and kernels.current(model) == "packed"
+    # no dense copy left: the packed weights are buffers, only embeddings and norms stay parameters
+    packed_numel = sum(m.weight.shape.numel() for m in model.modules() if isinstance(m, kernels.PackedLinear))
+    assert sum(p.numel() for p in model.parameters()) == dense_bytes - packed_numel
+    assert {n: list(t.shape) for n, t in model.state_dict().items()} == {n: list(t.shape) for n, t in before.items()}
+    assert kernels.unpack(model) == len(linears) and kernels.current(model) == "torch"
+    after = model.state_dict()
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+
+
+def test_a_tied_output_layer_stays_on_the_embeddings_weight():
+    model = make_model("llama")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.get_input_embeddings().weight
+    count = kernels.pack(model)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.get_input_embeddings().weight
+    assert count == sum(isinstance(m, kernels.PackedLinear) for m in model.modules()) == 14  # 2 layers x 7
+
+
+def true_path(reference: list[int]) -> ScriptedDrafter:
+    """Trees of the true continuation (6 deep) with a wrong sibling at the root: every
+    step verifies several tokens, so every step is a k-token forward."""
+
+    def make_tree(seq):
+        truth = reference[len(seq): len(seq) + 6]
+        if not truth:
+            return TokenTree()
+        wrong = (truth[0] + 1) % VOCAB
+        return TokenTree((wrong, *truth), (-1, -1, *range(1, len(truth))))
+
+    return ScriptedDrafter(make_tree)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gemma3"])
+def test_greedy_on_packed_kernels_is_plain_greedy_on_packed_kernels(arch):
+    model = make_model(arch)
+    prompt = repetitive_prompt(2, length=40)
+    engine = Engine(model, adaptive=False, decoding_length=16, branch_length=6, kernels="packed")
+    assert engine.kernels == kernels.current(model) == "packed"
+    expected = plain_greedy(model, prompt, 40)  # model.generate, one token per forward, on the same packed kernels
+    assert engine.generate(prompt, max_new_tokens=40).token_ids == expected
+    # every step a k-token forward (the true path drafted), and the adaptive engine, its curve timed on packed kernels
+    drafted = Engine(model, drafter=true_path(prompt + expected), adaptive=False, kernels="packed")
+    out = drafted.generate(prompt, max_new_tokens=40)
+    assert out.token_ids == expected and (len(expected) < 8 or max(out.stats.tokens_per_step) > 1)
+    assert Engine(model, decoding_length=16, kernels="packed").generate(prompt, max_new_tokens=40).token_ids \
+        == expected
+
+
+def test_torch_kernels_leave_the_model_as_it_is():
+    model = make_model("llama")
+    modules = dict(model.named_modules())
+    prompt = repetitive_prompt(4)
+    expected = plain_greedy(model, prompt, 30)
+    engine = Engine(model, adaptive=False, kernels="torch")
+    assert engine.kernels == "torch" and dict(model.named_modules()) == modules  # the very same modules
+    assert engine.generate(prompt, max_new_tokens=30).token_ids == expected
+    kernels.pack(model)
+    assert Engine(model, adaptive=False, kernels="torch").kernels == kernels.current(model) == "torch"  # unpacked
+    assert plain_greedy(model, prompt, 30) == expected
+
+
+def test_bad_kernels_are_refused_with_the_reason(tmp_path):
+    model = make_model("llama")
+    for bad in ["fast", "", None, "Packed"]:
+        with pytest.raises(ValueError, match="kernels must be one of auto, torch, packed"):
+            Engine(model, kernels=bad)
+    with pytest.raises(ValueError, match="kernels must be one of"):  # before any model is loaded
+        Engine.from_pretrained(str(tmp_path / "nothing-here"), kernels="fast")
+    with pytest.raises(ValueError, match="set_kernels takes"):
+        kernels.set_kernels(model, "auto")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--kernels", "fast", "hi"])
+    assert build_parser().parse_args(["serve", "--kernels", "packed"]).kernels == "packed"
+    assert build_parser().parse_args(["generate", "hi"]).kernels == "auto"
+
+
+def test_auto_keeps_the_faster_by_timing_and_remembers_it(tmp_path, monkeypatch):
+    timed = []
+
+    def fake_timing(model, sizes, repeats):  # packed twice as fast at every size
+        timed.append(kernels.current(model))
+        return [0.001 * n * (0.5 if kernels.current(model) == "packed" else 1.0) for n in sizes]
+
+    monkeypatch.setattr(kernels, "_time_forwards", fake_timing)
+    model = make_model("llama")
+    engine = Engine(model, decoding_length=8, budget_cache=tmp_path)
+    assert timed == ["torch", "packed"] and engine.kernels == kernels.current(model) == "packed"
+    assert engine.budget_store.key["kernels"] == "packed"  # the curve kept is the packed one's
+    store = KernelStore.open(tmp_path, make_model("llama"), None, 9)
+    assert store.path.is_file() and store.load() == "packed"
+    # a second start on another object of the same model times nothing
+    timed.clear()
+    second = Engine(make_model("llama"), decoding_length=8, budget_cache=tmp_path)
+    assert timed == [] and second.kernels == "packed"
+    # where torch's are faster, auto keeps them
+    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: [
+        0.001 * n * (2.0 if kernels.current(model) == "packed" else 1.0) for n in sizes])
+    third = make_model("llama")
+    assert Engine(third, decoding_length=8, budget_cache=False).kernels == kernels.current(third) == "torch"
+
+
+def test_the_budget_key_names_the_kernels(tmp_path):
+    model = make_model("llama")
+    torch_key = BudgetStore.open(tmp_path, model, None, 9).key
+    kernels.pack(model)
+    packed_key = BudgetStore.open(tmp_path, model, None, 9).key
+    assert (torch_key["kernels"], packed_key["kernels"]) == ("torch", "packed")
+    assert {k: v for k, v in torch_key.items() if k != "kernels"} == \
+        {k: v for k, v in packed_key.items() if k != "kernels"}  # same model fingerprint either way
+
+
+def test_packed_kernels_fall_back_with_a_notice_where_they_cannot_run(monkeypatch):
+    monkeypatch.setattr(kernels, "TESTED_TORCH", ("0.1.",))
+    model = make_model("llama")
+    with pytest.warns(RuntimeWarning, match="using torch's kernels: packed kernels are tested with torch 0.1.x"):
+        engine = Engine(model, adaptive=False, kernels="packed")
+    assert engine.kernels == kernels.current(model) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto: nothing to choose from, no warning
+        assert Engine(make_model("llama"), drafter=NoDraft(), adaptive=False, kernels="auto").kernels == "torch"
+
+
+def test_a_failing_op_falls_back(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(kernels, "_CHECKED", {})
+    monkeypatch.setattr(kernels, "pack_weight", broken)
+    assert "fail here (could not create a primitive)" in kernels.unavailable()
+    with pytest.warns(RuntimeWarning, match="using torch's kernels"):
+        assert kernels.set_kernels(make_model("llama"), "packed") == "torch"
+
+
+def test_bench_plain_packed_runs_model_generate_on_packed_kernels():
+    from triespec.bench import harness, methods
+
+    spec = methods.parse("plain-packed")
+    assert methods.kernels_of(spec, "torch") == "packed"
+    assert methods.kernels_of(methods.parse("plain"), "packed") == "torch"
+    assert methods.kernels_of(methods.parse("trie"), "packed") == "packed"
+    with pytest.raises(ValueError, match="takes no options"):
+        methods.parse("plain-packed:warm")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        harness.check(harness.Config(kernels="fast"))
+    model = make_model("llama")
+    prompt = repetitive_prompt(5)
+    runner = methods.build(spec, model, None)
+    kernels.set_kernels(model, runner.kernels)
+    assert runner.run(prompt, 20).token_ids == plain_greedy(model, prompt, 20)
+
+
+def test_modelled_speedups_price_each_method_by_its_own_kernels_curve():
+    from triespec.bench import harness
+
+    def record(method, kernels_used, fed):
+        return dict(workload="qa", task="qa/0", turn=0, method=method, prompt_tokens=10, new_tokens=len(fed),
+                    seconds=1.0, tokens_per_step=[1] * len(fed), draft_seconds=0.0, peak_mb=1.0,
+                    token_ids=[5] * len(fed), fed=fed, kernels=kernels_used)
+
+    curves = {"torch": {"context": 10, "sizes": [1, 8], "seconds": [1.0, 1.0]},
+              "packed": {"context": 10, "sizes": [1, 8], "seconds": [0.5, 0.5]}}
+    results = {"oracle": {"qa": {"cold": {"tokens_per_step": 1.0}, "warm": {"tokens_per_step": 1.0}}},
+               "cost_curve": curves["torch"], "cost_curves": curves,
+               "records": [record("plain", "torch", [10] + [1] * 8), record("plain-packed", "packed", [10] + [1] * 8)]}
+    summary = harness.summarise(results)["qa"]
+    assert summary["plain"]["speedup_modelled"] == 1.0 and summary["plain-packed"]["speedup_modelled"] == 2.0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "foreign", "no choice"])
+def test_a_damaged_kernel_choice_is_ignored_with_a_warning_and_timed_again(tmp_path, monkeypatch, damage):
+    import json
+
+    timed = []
+    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: timed.append(1) or [0.001] * len(sizes))
+    store = KernelStore.open(tmp_path, make_model("llama"), None, 9)
+    store.save("packed", {})
+    data = json.loads(store.path.read_text())
+    if damage == "garbage":
+        store.path.write_text("{not json")
+    else:
+        data.update({"key": {**data["key"], "cpu": "another"}} if damage == "foreign" else {"kernels": "fast"})
+        store.path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="ignoring the saved kernel choice"):
+        engine = Engine(make_model("llama"), decoding_length=8, budget_cache=tmp_path)
+    assert timed and engine.kernels == "torch"  # equal times: ties go to torch's
+    assert store.load() == "torch"  # written over
+
+
+def test_the_micro_benchmark_script_prints_every_shape(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_config
+
+    tiny_config("qwen2").save_pretrained(tmp_path)
+    script = Path(__file__).parent.parent / "scripts" / "linear_kernels.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--rows", "1,3", "--repeats", "1",
+                           "--clock", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 * 6  # the header, two lines per shape (q, k/v, o, gate/up, down, lm_head)
+    assert "| lm_head | 64→96 | F.linear |" in done.stdout and "packed yes" in done.stdout
+
+
+def test_a_model_packed_by_the_timing_runs_outside_inference_mode(monkeypatch):
+    """`choose` times inside inference mode; the weights it packs must still serve an
+    ordinary forward afterwards (inference tensors would raise there)."""
+    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: [
+        0.001 * (0.5 if kernels.current(model) == "packed" else 1.0) for _ in sizes])
+    model = make_model("llama")
+    assert kernels.choose(model, 8)[0] == "packed"
+    model(input_ids=torch.arange(6)[None])  # grad mode on, no inference mode
