@@ -49,6 +49,13 @@ def test_config_checks():
         harness.check(harness.Config(methods=("plain", "trie", "trie")))
     with pytest.raises(ValueError):
         harness.check(harness.Config(n=0))
+    # a drafter's setting it does not take is refused before any model is loaded
+    with pytest.raises(ValueError, match="min_token_prob"):
+        harness.check(harness.Config(methods=("plain", "trie:prob=0.5")))
+    with pytest.raises(ValueError, match="match_length"):
+        harness.check(harness.Config(methods=("plain", "hybrid:dl=8", "suffix:ml=3"), draft_model="/nowhere"))
+    assert [s.name for s in harness.check(harness.Config(methods=("plain", "hybrid:dl=8"), draft_model="/nowhere"))] \
+        == ["plain", "hybrid:dl=8"]
 
 
 @pytest.mark.parametrize("name", ["plain", "prompt-lookup", "prompt-lookup:4", "trie", "trie:fixed",
@@ -138,6 +145,18 @@ def test_copy_oracle():
     assert harness.copy_oracle(runs, [])["tokens_per_step"] == (2 + 5) / (2 + 4)
     # with 50 51 52 in the corpus: 50 51 52 + bonus 1 | 2
     assert harness.copy_oracle(runs, [[50, 51, 52]])["tokens_per_step"] == (2 + 5) / (2 + 2)
+
+
+def test_a_matched_copy_oracle_enters_a_copy_only_after_a_token_it_has_seen():
+    # the prompt ends in 5, never followed by 1: 1 alone, then 2 3 (after 1) + bonus 9
+    assert harness.copy_oracle([([1, 2, 3, 4, 5], [1, 2, 3, 9])], [], context=1)["tokens_per_step"] == 2.0
+    # 7 was never seen, so 2 3 after it cannot be entered: 7 | 2 | 3 (after 2)
+    assert harness.copy_oracle([([1, 2, 3], [7, 2, 3])], [], context=0)["tokens_per_step"] == 1.5
+    assert harness.copy_oracle([([1, 2, 3], [7, 2, 3])], [], context=1)["tokens_per_step"] == 1.0
+    # never above the unmatched oracle, on any run
+    runs = [([50, 51, 52, 7], [1, 2]), ([3, 7], [50, 51, 52, 1, 2, 9, 50, 51])]
+    assert (harness.copy_oracle(runs, [], context=1)["tokens_per_step"]
+            <= harness.copy_oracle(runs, [])["tokens_per_step"])
 
 
 def _fake_results():

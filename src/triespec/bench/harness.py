@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import threading
+import inspect
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -21,10 +22,12 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+from ..drafters.trie import TrieDrafter
 from ..kernels import check as check_kernels, set_kernels
 from . import methods as M
 
-ORACLE_DEPTH = 24  # the deepest branch the oracle may accept per step: triespec's default branch length
+# the deepest branch the oracle may accept per step: triespec's default branch length
+ORACLE_DEPTH = inspect.signature(TrieDrafter).parameters["branch_length"].default
 
 
 @dataclass
@@ -85,6 +88,8 @@ def check(config: Config) -> list[M.Spec]:
         raise ValueError("a method is listed twice")
     if any(s.needs_draft_model for s in specs) and not config.draft_model:
         raise ValueError(f"methods {[s.name for s in specs if s.needs_draft_model]} need --draft-model")
+    for spec in specs:
+        M.check(spec)  # the drafter's settings, before hours of loading and running
     return specs
 
 
@@ -142,6 +147,9 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
         oracle[workload] = {
             "cold": copy_oracle(history[M.PLAIN], []),
             "warm": copy_oracle(history[M.PLAIN], corpus),
+            # what a drafter that matches at least the last token can reach
+            "cold_matched": copy_oracle(history[M.PLAIN], [], context=1),
+            "warm_matched": copy_oracle(history[M.PLAIN], corpus, context=1),
         }
     bar.close()
     results = {
@@ -158,18 +166,23 @@ def run(config: Config, log=print, progress: bool = True) -> dict:
 
 
 def copy_oracle(generations: list[tuple[list[int], list[int]]], corpus: list[list[int]],
-                depth: int = ORACLE_DEPTH) -> dict:
+                depth: int = ORACLE_DEPTH, context: int = 0) -> dict:
     """Tokens per step of a perfect retrieval drafter, on the reference outputs.
 
     At each step it accepts the longest continuation (up to `depth` tokens) that occurs
     anywhere in what a retrieval drafter may read: the prompt, the output so far, the
-    earlier outputs of the run and the warm corpus; plus the bonus token.
+    earlier outputs of the run and the warm corpus; plus the bonus token. With `context`
+    = c, only a continuation that occurs right after the same c tokens as here: what a
+    drafter that finds its copy by matching the last tokens (the trie, prompt lookup,
+    SuffixDecoding: at least one) can reach at best; 0 also counts a copy that starts
+    after a token seen nowhere before it, which no such drafter can enter.
     generations: [(prompt ids, output ids)] in run order.
     """
-    memory: list[set] = [set() for _ in range(depth + 1)]  # memory[L]: every L-gram of past outputs
+    most = depth + context
+    memory: list[set] = [set() for _ in range(most + 1)]  # memory[L]: every L-gram of past outputs
 
     def read(grams: list[set], ids: list[int]) -> None:
-        for L in range(1, depth + 1):
+        for L in range(1, most + 1):
             grams[L].update(tuple(ids[i : i + L]) for i in range(len(ids) - L + 1))
 
     for text in corpus:
@@ -178,19 +191,23 @@ def copy_oracle(generations: list[tuple[list[int], list[int]]], corpus: list[lis
     for prompt, output in generations:
         seen = [set(g) for g in memory]
         read(seen, prompt)
+        full, start = prompt + output, len(prompt)
         i = 0
         while i < len(output):
+            at = start + i
+            lead = tuple(full[at - context : at]) if at >= context else None
             L = 0
-            while L < depth and i + L < len(output) and tuple(output[i : i + L + 1]) in seen[L + 1]:
+            while (lead is not None and L < depth and i + L < len(output)
+                   and lead + tuple(output[i : i + L + 1]) in seen[context + L + 1]):
                 L += 1
             advance = min(L + 1, len(output) - i)
             # the output so far becomes readable (with the prompt's end, for n-grams across the seam)
-            read(seen, (prompt[-depth:] + output[: i + advance])[-(advance + depth):])
+            read(seen, full[max(0, at + advance - (advance + most)) : at + advance])
             i += advance
             steps += 1
         tokens += len(output)
         read(memory, output)
-    return {"tokens_per_step": tokens / max(steps, 1), "depth": depth}
+    return {"tokens_per_step": tokens / max(steps, 1), "depth": depth, "context": context}
 
 
 def cost_curve(model, long_context: int, max_tokens: int = 64, repeats: int = 3, every: int = 33) -> dict:
@@ -240,9 +257,7 @@ def _decoded(records: list[dict]) -> int:
 
 def summarise(results: dict) -> dict:
     """Per workload and method: the figures of the report."""
-    by_key: dict[tuple[str, str], list[dict]] = {}
-    for r in results["records"]:
-        by_key.setdefault((r["workload"], r["method"]), []).append(r)
+    by_key = _by_method(results["records"])
     # the generations where some method's output was not plain's: in bf16 a method can
     # take another path (rounding), and speeds over different texts are not comparable
     plain_ids = {_gen(r): r["token_ids"] for r in results["records"] if r["method"] == M.PLAIN}
@@ -259,7 +274,9 @@ def summarise(results: dict) -> dict:
         per_prompt = [_tps(r) / _tps(plain[(r["task"], r["turn"])]) for r in rows]
         same = [r["token_ids"] == plain[(r["task"], r["turn"])]["token_ids"] for r in rows]
         spec = M.parse(method)
-        bound = results["oracle"][workload]["warm" if spec.warm else "cold"]["tokens_per_step"]
+        oracles = results["oracle"][workload]
+        bound = oracles["warm" if spec.warm else "cold"]["tokens_per_step"]
+        matched = oracles.get("warm_matched" if spec.warm else "cold_matched", {}).get("tokens_per_step")
         mean_step = tokens / max(len(steps), 1)
         same_rows = [r for r in rows if _gen(r) not in differ]
 
@@ -295,10 +312,11 @@ def summarise(results: dict) -> dict:
             "peak_mb": round(max(r["peak_mb"] for r in rows), 1),
             "agreement": round(sum(same) / len(same), 3),
             "oracle_tokens_per_step": round(bound, 3),
-            # accepted draft tokens per step (the bonus token is free), as a share of the oracle's;
-            # only for retrieval: a draft model is not bound by what can be copied
-            "oracle_share": round((mean_step - 1) / (bound - 1), 3) if bound > 1 and not spec.needs_draft_model
-            else None,
+            "oracle_share": _share(mean_step, bound, spec),
+            # the same against the oracle that enters a copy only after a matched token (runs
+            # before 2026-12-03: none)
+            "matched_oracle_tokens_per_step": None if matched is None else round(matched, 3),
+            "matched_oracle_share": _share(mean_step, matched, spec),
         }
     return summary
 
@@ -363,9 +381,7 @@ def comparisons(results: dict, figure: str = "modelled") -> dict[str, list[dict]
     interval over tasks; `real` when the interval excludes 1."""
     curves = _curves(results)
     out: dict[str, list[dict]] = {}
-    by_key: dict[tuple[str, str], list[dict]] = {}
-    for r in results["records"]:
-        by_key.setdefault((r["workload"], r["method"]), []).append(r)
+    by_key = _by_method(results["records"])
     for workload in dict.fromkeys(r["workload"] for r in results["records"]):
         names = [m for (w, m) in by_key if w == workload]
         ours = [m for m in names if M.parse(m).base in OURS]
@@ -386,6 +402,22 @@ OURS = ("trie", "model", "hybrid")  # triespec's own drafters; every other metho
 # methods whose draft model's forwards are not timed (transformers' assisted generation runs
 # them inside generate): their modelled figure would price the target's forwards alone
 UNPRICED = ("assisted",)
+
+
+def _share(tokens_per_step: float, bound: float | None, spec: M.Spec) -> float | None:
+    """Accepted draft tokens per step as a share of an oracle's (the bonus token is free);
+    only for retrieval: a draft model is not bound by what can be copied."""
+    if bound is None or bound <= 1 or spec.needs_draft_model:
+        return None
+    return round((tokens_per_step - 1) / (bound - 1), 3)
+
+
+def _by_method(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(workload, method) -> its records, in run order."""
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        by_key.setdefault((r["workload"], r["method"]), []).append(r)
+    return by_key
 
 
 def _gen(record: dict) -> tuple[str, str, int]:

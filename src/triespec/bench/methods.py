@@ -258,9 +258,26 @@ def build(spec: Spec, model, tokenizer, draft_model=None, kernels: str = "auto")
     return Triespec(spec, model, tokenizer, draft_model, kernels)
 
 
-def _drafter(spec: Spec, draft_model):
+class _Checked(Exception):
+    """Raised in place of loading a draft model: the settings before it were good."""
+
+
+def check(spec: Spec) -> None:
+    """A ValueError if the drafter of `spec` refuses its settings, found without loading any
+    model (drafters.build checks settings before it loads a draft model)."""
+    if spec.base in TRANSFORMERS:
+        return
+    def load(path):
+        raise _Checked
+    try:
+        _drafter(spec, "draft model", load)
+    except _Checked:
+        pass
+
+
+def _drafter(spec: Spec, draft_model, load=None):
     """The product's own drafter for the spec (drafters.build, as Engine.from_pretrained)."""
     try:
-        return build_drafter(spec.base, [draft_model] if spec.needs_draft_model else [], **spec.drafter)
+        return build_drafter(spec.base, [draft_model] if spec.needs_draft_model else [], load, **spec.drafter)
     except ValueError as e:
         raise ValueError(f"method {spec.name!r}: {e}") from e
