@@ -1,6 +1,7 @@
 """Compare drafters on a benchmark's recorded outputs, offline and deterministically.
 
     python scripts/replay_drafters.py RESULTS_JSON [--drafters trie,suffix,trie:bl=12:ml=2] [--fixed]
+                                      [--held-out-from RESULTS_JSON ...]
 
 Every drafter is named as a benchmark method (`triespec bench --help`: `trie:bl=12`,
 `suffix:tree:factor=2`, ...). Each replays the run's plain greedy outputs through the
@@ -8,7 +9,9 @@ engine's own decode step (`triespec.replay`: an oracle stands in for the model),
 tokens per forward are exact, not measured, and two drafters differ by what they draft
 and nothing else; the speed-up is modelled by the run's own cost curve (the adaptive
 budget cuts by it too). Prints, per workload, tokens per forward, the share of the copy
-oracle and the modelled speed-up over plain decoding.
+oracle and the modelled speed-up over plain decoding. `--held-out-from` replays only the
+tasks that none of the given runs holds: settings chosen by replaying those runs are
+then judged on tasks they were not chosen on.
 """
 
 import argparse
@@ -31,6 +34,8 @@ def main() -> None:
                         help="comma-separated, named as benchmark methods without a draft model")
     parser.add_argument("--fixed", action="store_true", help="verify every tree whole (no adaptive budget)")
     parser.add_argument("--workloads", help="comma-separated (default: every one in the run)")
+    parser.add_argument("--held-out-from", nargs="+", default=(), metavar="RESULTS_JSON",
+                        help="replay only the tasks none of these runs holds")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small tensors: more threads only wait on each other
     results = json.load(open(args.results))
@@ -41,7 +46,8 @@ def main() -> None:
     specs = [methods.parse(name) for name in args.drafters.split(",")]
     if any(s.needs_draft_model or s.base in methods.TRANSFORMERS for s in specs):
         raise SystemExit("replays take drafters without a draft model (trie, suffix)")
-    runs = recorded(results)
+    seen = {(r["workload"], r["task"]) for path in args.held_out_from for r in json.load(open(path))["records"]}
+    runs = recorded({**results, "records": [r for r in results["records"] if (r["workload"], r["task"]) not in seen]})
     chosen = args.workloads.split(",") if args.workloads else list(runs)
     config, machine = results["config"], results.get("machine", {})
     print(f"{'fixed trees' if args.fixed else 'adaptive budget'}, modelled by the run's cost curve "

@@ -96,3 +96,11 @@ def test_replay_drafters(tmp_path):
     # on answers that copy, every drafter yields more than a token per forward; branches of 2 at most 3
     assert all(v > 1.2 for v in per_step.values()) and per_step["short"] <= 3 < float(oracle)
     assert per_step["trie"] > per_step["short"]
+
+    # held out from a run that holds the first two copy tasks: one copy task is replayed
+    held = json.loads((tmp_path / "results.json").read_text())
+    held["records"] = [r for r in held["records"] if r["task"] in ("copy/0", "copy/1")]
+    (tmp_path / "tuned.json").write_text(json.dumps(held))
+    out = run_script("replay_drafters.py", str(tmp_path / "results.json"), "--drafters", "trie",
+                     "--held-out-from", str(tmp_path / "tuned.json"))
+    assert re.search(r"\| copy \(1\) \|", out) and re.search(r"\| fresh \(3\) \|", out)
