@@ -4,7 +4,8 @@
                                       [--held-out-from RESULTS_JSON ...]
 
 Every drafter is named as a benchmark method (`triespec bench --help`: `trie:bl=12`,
-`suffix:tree:factor=2`, ...). Each replays the run's plain greedy outputs through the
+`suffix:tree:factor=2`, `lookup:fixed`: transformers' prompt lookup, each chain verified
+whole as transformers does). Each replays the run's plain greedy outputs through the
 engine's own decode step (`triespec.replay`: an oracle stands in for the model), so the
 tokens per forward are exact, not measured, and two drafters differ by what they draft
 and nothing else; the speed-up is modelled by the run's own cost curve (the adaptive
@@ -30,27 +31,32 @@ from triespec.replay import replay
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="results.json of a triespec bench run with a `plain` method")
-    parser.add_argument("--drafters", default="trie,trie:bl=12:ml=2,suffix,suffix:tree:factor=2",
+    parser.add_argument("--drafters", default="trie,lookup:fixed,lookup:fixed:dl=4,suffix,suffix:tree:factor=2",
                         help="comma-separated, named as benchmark methods without a draft model")
-    parser.add_argument("--fixed", action="store_true", help="verify every tree whole (no adaptive budget)")
+    parser.add_argument("--fixed", action="store_true",
+                        help="verify every tree whole (no adaptive budget); `NAME:fixed` does it for one drafter")
     parser.add_argument("--workloads", help="comma-separated (default: every one in the run)")
+    parser.add_argument("--curve-from", metavar="RESULTS_JSON",
+                        help="price forwards by another run's cost curve (another machine or dtype)")
     parser.add_argument("--held-out-from", nargs="+", default=(), metavar="RESULTS_JSON",
                         help="replay only the tasks none of these runs holds")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small tensors: more threads only wait on each other
     results = json.load(open(args.results))
-    if "cost_curve" not in results:
+    priced = json.load(open(args.curve_from)) if args.curve_from else results
+    if "cost_curve" not in priced:
         raise SystemExit("the run has no cost curve (runs before 2026-11-27)")
-    c = results["cost_curve"]
+    c = priced["cost_curve"]
     cost = CostModel(c["sizes"], c["seconds"], context=c["context"], per_context=c.get("per_context", (0.0, 0.0)))
     specs = [methods.parse(name) for name in args.drafters.split(",")]
     if any(s.needs_draft_model or s.base in methods.TRANSFORMERS for s in specs):
-        raise SystemExit("replays take drafters without a draft model (trie, suffix)")
+        raise SystemExit("replays take drafters without a draft model (trie, suffix, lookup)")
     seen = {(r["workload"], r["task"]) for path in args.held_out_from for r in json.load(open(path))["records"]}
     runs = recorded({**results, "records": [r for r in results["records"] if (r["workload"], r["task"]) not in seen]})
     chosen = args.workloads.split(",") if args.workloads else list(runs)
-    config, machine = results["config"], results.get("machine", {})
-    print(f"{'fixed trees' if args.fixed else 'adaptive budget'}, modelled by the run's cost curve "
+    config, machine = priced["config"], priced.get("machine", {})
+    source = f"the cost curve of {args.curve_from}" if args.curve_from else "the run's cost curve"
+    print(f"{'fixed trees' if args.fixed else 'adaptive budget (fixed where named)'}, modelled by {source} "
           f"({config.get('model') or 'SmolLM2-135M-Instruct'}, {config.get('dtype', '?')}, {machine.get('cpu', '?')})\n")
     print("| workload | copy oracle | " + " | ".join(s.name for s in specs) + " |")
     print("|---|---:|" + "---:|" * len(specs))
@@ -59,7 +65,8 @@ def main() -> None:
         oracle = copy_oracle(generations, [])["tokens_per_step"]
         cells = []
         for spec in specs:
-            out = replay(generations, cost, None if args.fixed else Calibration(), adaptive=not args.fixed,
+            adaptive = spec.adaptive and not args.fixed
+            out = replay(generations, cost, Calibration() if adaptive else None, adaptive=adaptive,
                          drafter=build(spec.base, **spec.drafter))
             steps = out.tokens_per_step
             per = sum(steps) / len(steps)

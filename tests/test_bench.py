@@ -59,7 +59,8 @@ def test_config_checks():
 
 
 @pytest.mark.parametrize("name", ["plain", "prompt-lookup", "prompt-lookup:4", "trie", "trie:fixed",
-                                  "trie:fixed:parallel", "suffix", "suffix:fixed", "suffix:fixed:tree"])
+                                  "trie:fixed:parallel", "suffix", "suffix:fixed", "suffix:fixed:tree", "lookup",
+                                  "lookup:fixed"])
 def test_step_accounting_matches_output(name):
     """Every method's steps add up to its output, and every output is plain greedy's."""
     model = tiny_model("llama")
@@ -77,6 +78,24 @@ def test_step_accounting_matches_output(name):
         assert max(out.tokens_per_step) > 1  # the repetitive prompt is drafted from
         # each forward feeds the last token and the tree: at least as many as it yields
         assert all(f >= s for f, s in zip(out.fed[1:], out.tokens_per_step[1:])) and max(out.fed[1:]) > 1
+
+
+@pytest.mark.parametrize("n", [10, 4])
+def test_lookup_verified_whole_takes_transformers_prompt_lookup_steps(n):
+    """`lookup:fixed:dl=N` is transformers' prompt lookup drafted through our contract: on
+    fp32 it takes the very steps `generate(prompt_lookup_num_tokens=N)` takes, so replays
+    of recorded outputs can stand in for it."""
+    model = tiny_model("llama")
+    prompt = repetitive_prompt(3, length=40)
+    theirs = methods.build(methods.parse(f"prompt-lookup:{n}"), model, None).run(prompt, 30)
+    ours = methods.build(methods.parse(f"lookup:fixed:dl={n}"), model, None).run(prompt, 30)
+    assert ours.token_ids == theirs.token_ids
+    assert ours.tokens_per_step == theirs.tokens_per_step and ours.fed[0] == theirs.fed[0]
+    # each forward feeds the same chain, but the engine never verifies past the last token
+    # it may emit, where generate does
+    left = [30 - sum(theirs.tokens_per_step[:i]) for i in range(len(theirs.fed))]
+    assert ours.fed[1:] == [min(f, r) for f, r in zip(theirs.fed[1:], left[1:])]
+    assert max(ours.fed[1:]) > 1 and max(ours.tokens_per_step) > 1
 
 
 def test_a_method_carries_what_its_budget_learned_to_the_next_workload():

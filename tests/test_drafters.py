@@ -8,7 +8,8 @@ from conftest import ScriptedDrafter, plain_greedy, repetitive_prompt, tiny_mode
 from triespec import Engine, TokenTree
 from triespec.bench import methods
 from triespec.cli import BRANCH_LENGTH, DECODING_LENGTH, DRAFTER_CHOICES
-from triespec.drafters import DRAFTERS, MergedDrafter, ModelDrafter, NoDraft, SuffixDrafter, TrieDrafter, build
+from triespec.drafters import (DRAFTERS, MergedDrafter, ModelDrafter, NoDraft, PromptLookupDrafter, SuffixDrafter,
+                               TrieDrafter, build)
 
 
 def test_build_makes_each_drafter_by_name():
@@ -23,6 +24,8 @@ def test_build_makes_each_drafter_by_name():
     assert not trie.costly and build("model", [model]).costly and build("model", [model]).memory is None
     suffix = build("suffix", max_spec_factor=2.0, use_tree_spec=True)
     assert isinstance(suffix, SuffixDrafter) and not suffix.costly and suffix.spec["max_spec_factor"] == 2.0
+    lookup = build("lookup", decoding_length=4)
+    assert isinstance(lookup, PromptLookupDrafter) and lookup.decoding_length == 4 and lookup.memory is None
 
 
 def test_the_command_line_offers_every_drafter_with_its_defaults():
@@ -49,6 +52,19 @@ def test_suffix_drafts_continue_what_its_cache_holds():
         session.end()  # the cache knows it is over
 
 
+def test_lookup_drafts_what_followed_the_first_earlier_match():
+    """transformers' prompt lookup under our contract: the chain after the first earlier
+    occurrence of the last two tokens (then one), at most decoding_length long."""
+    session = build("lookup", decoding_length=3).begin([1, 2, 3, 4, 5, 1, 2, 9, 1, 2])
+    tree = session.propose(32, 12)
+    assert tree.tokens == (3, 4, 5) and tree.parents == (-1, 0, 1)  # the first match, not the last
+    assert session.propose(2, 12).tokens == (3, 4) and session.propose(32, 1).tokens == (3,)
+    session.learn([7])  # "2 7" was never seen, "7" neither: nothing to draft
+    assert len(session.propose(32, 12)) == 0
+    session.learn([1])  # "7 1" unseen, "1" first followed by 2 3 4
+    assert session.propose(32, 12).tokens == (2, 3, 4)
+
+
 @pytest.mark.parametrize("name, models, settings, words", [
     ("nope", 0, {}, "unknown drafter"),
     ("trie", 1, {}, "needs drafter 'model' or 'hybrid'"),
@@ -60,6 +76,9 @@ def test_suffix_drafts_continue_what_its_cache_holds():
     ("suffix", 1, {}, "takes no draft model"),
     ("suffix", 0, {"branch_length": 4}, "takes no setting 'branch_length'"),
     ("suffix", 0, {"min_token_prob": 2.0}, "min_token_prob"),
+    ("lookup", 1, {}, "takes no draft model"),
+    ("lookup", 0, {"branch_length": 4}, "takes no setting 'branch_length'"),
+    ("lookup", 0, {"match_length": 0}, "match_length"),
 ])
 def test_build_refuses_what_a_drafter_cannot_take(name, models, settings, words):
     with pytest.raises(ValueError, match=words):

@@ -8,7 +8,7 @@ import sys
 
 # `--drafter`: drafters.DRAFTERS less 'none' (kept here so that --help imports no torch; a test
 # checks the two agree)
-DRAFTER_CHOICES = ("trie", "model", "hybrid", "suffix")
+DRAFTER_CHOICES = ("trie", "model", "hybrid", "suffix", "lookup")
 # TrieDrafter's defaults, for --help without torch (a test checks they agree)
 DECODING_LENGTH, BRANCH_LENGTH = 32, 24
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="small model with the same tokenizer, drafting token trees (repeatable)")
     gen.add_argument("--drafter", choices=DRAFTER_CHOICES,
                      help="where drafts come from (default: trie; hybrid with --draft-model; suffix: "
-                          "SuffixDecoding's cache, needs arctic-inference)")
+                          "SuffixDecoding's cache, needs arctic-inference; lookup: transformers' prompt lookup)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
     gen.add_argument("--top-k", type=int)

@@ -13,6 +13,9 @@ A method is named by a spec string:
     hybrid[:opts]      triespec with the trie and the draft model merged
     suffix[:opts]      SuffixDecoding's drafts (arctic-inference's cache, vLLM's defaults),
                        verified by triespec's forward: drafter meets drafter on equal terms
+    lookup[:opts]      transformers' prompt lookup candidates, verified by triespec's forward
+                       (`lookup:fixed` verifies each whole, as transformers does; dl=N tokens,
+                       ml=N the n-gram matched)
 
 prompt-lookup and assisted run on torch's kernels like plain; triespec's methods (and
 suffix) on the kernels the run asks for (`--kernels`, default auto: the faster here).

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from .base import Drafter, DraftSession, NoDraft, check_drafter
 from .merged import MergedDrafter, merge
 from .model import ModelDrafter
+from .lookup import PromptLookupDrafter
 from .suffix import SuffixDrafter
 from .trie import Trie, TrieDrafter
 
@@ -69,6 +70,13 @@ def _suffix(draft_models: Sequence, **settings) -> Drafter:
     return SuffixDrafter(**_settings("suffix", SuffixDrafter, settings))
 
 
+def _lookup(draft_models: Sequence, **settings) -> Drafter:
+    """Prompt lookup's drafts (transformers' candidate generator), a peer verified by the same forward."""
+    if draft_models:
+        raise ValueError("drafter 'lookup' takes no draft model")
+    return PromptLookupDrafter(**_settings("lookup", PromptLookupDrafter, settings))
+
+
 # name -> (draft models, **settings) -> Drafter. Each draft model comes as a function returning
 # (model, tokenizer or None), to be called only after the settings were checked: a caller
 # loading models from paths learns of a mistake before anything is loaded.
@@ -78,6 +86,7 @@ DRAFTERS: dict[str, Callable[..., Drafter]] = {
     "model": _model,
     "hybrid": _hybrid,
     "suffix": _suffix,
+    "lookup": _lookup,
 }
 
 
@@ -94,5 +103,5 @@ def build(name: str, draft_models: Sequence = (), load: Callable | None = None, 
     return DRAFTERS[name](sources, **{k: v for k, v in settings.items() if v is not None})
 
 
-__all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter", "ModelDrafter", "MergedDrafter", "SuffixDrafter", "merge",
+__all__ = ["Drafter", "DraftSession", "NoDraft", "Trie", "TrieDrafter", "ModelDrafter", "MergedDrafter", "SuffixDrafter", "PromptLookupDrafter", "merge",
            "DRAFTERS", "build", "check_drafter"]
