@@ -9,7 +9,8 @@ whole as transformers does). Each replays the run's plain greedy outputs through
 engine's own decode step (`triespec.replay`: an oracle stands in for the model), so the
 tokens per forward are exact, not measured, and two drafters differ by what they draft
 and nothing else; the speed-up is modelled by the run's own cost curve (the adaptive
-budget cuts by it too). Prints, per workload, tokens per forward, the share of the copy
+budget cuts by it too). Prints, per workload, the copy oracle and the oracle after a matched
+token (harness.copy_oracle), and per drafter tokens per forward, the share of the copy
 oracle and the modelled speed-up over plain decoding. `--held-out-from` replays only the
 tasks that none of the given runs holds: settings chosen by replaying those runs are
 then judged on tasks they were not chosen on.
@@ -58,11 +59,12 @@ def main() -> None:
     source = f"the cost curve of {args.curve_from}" if args.curve_from else "the run's cost curve"
     print(f"{'fixed trees' if args.fixed else 'adaptive budget (fixed where named)'}, modelled by {source} "
           f"({config.get('model') or 'SmolLM2-135M-Instruct'}, {config.get('dtype', '?')}, {machine.get('cpu', '?')})\n")
-    print("| workload | copy oracle | " + " | ".join(s.name for s in specs) + " |")
-    print("|---|---:|" + "---:|" * len(specs))
+    print("| workload | copy oracle | after a match | " + " | ".join(s.name for s in specs) + " |")
+    print("|---|---:|---:|" + "---:|" * len(specs))
     for workload in chosen:
         generations = runs[workload]
         oracle = copy_oracle(generations, [])["tokens_per_step"]
+        matched = copy_oracle(generations, [], context=1)["tokens_per_step"]
         cells = []
         for spec in specs:
             adaptive = spec.adaptive and not args.fixed
@@ -71,7 +73,7 @@ def main() -> None:
             steps = out.tokens_per_step
             per = sum(steps) / len(steps)
             cells.append(f"{per:.2f} ({(per - 1) / (oracle - 1):.0%}), {out.speedup:.2f}×")
-        print(f"| {workload} ({len(generations)}) | {oracle:.2f} | " + " | ".join(cells) + " |")
+        print(f"| {workload} ({len(generations)}) | {oracle:.2f} | {matched:.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

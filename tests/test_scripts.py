@@ -91,11 +91,13 @@ def test_replay_drafters(tmp_path):
     rows = {line.split("|")[1].split()[0]: line.split("|")[2:-1] for line in out.splitlines()
             if re.match(r"\| (copy|fresh) ", line)}
     assert set(rows) == {"copy", "fresh"}
-    oracle, trie, short, suffix = (cell.strip() for cell in rows["copy"])
+    oracle, matched, trie, short, suffix = (cell.strip() for cell in rows["copy"])
     per_step = {name: float(cell.split()[0]) for name, cell in (("trie", trie), ("short", short), ("suffix", suffix))}
     # on answers that copy, every drafter yields more than a token per forward; branches of 2 at most 3
     assert all(v > 1.2 for v in per_step.values()) and per_step["short"] <= 3 < float(oracle)
     assert per_step["trie"] > per_step["short"]
+    # no drafter that matches the last tokens beats the oracle that needs a match too
+    assert max(per_step.values()) <= float(matched) <= float(oracle)
 
     # held out from a run that holds the first two copy tasks: one copy task is replayed
     held = json.loads((tmp_path / "results.json").read_text())
