@@ -29,8 +29,10 @@ def main() -> None:
         print(f"`{command}`: {config['model']} in {config['dtype']}, {config['n']} tasks, "
               f"{config['max_new_tokens']} new tokens; {machine['cpu']} ({machine['cpu_capability']}), {machine['date']}\n")
         for workload in results["summary"]:
-            oracle = results["oracle"][workload]["cold"]["tokens_per_step"]
-            print(f"#### {workload} (copy oracle: {oracle:.2f} tokens per forward)\n")
+            oracle = results["oracle"][workload]
+            matched = oracle.get("cold_matched", {}).get("tokens_per_step")
+            print(f"#### {workload} (copy oracle: {oracle['cold']['tokens_per_step']:.2f} tokens per forward"
+                  + (f"; after a matched token: {matched:.2f}" if matched else "") + ")\n")
             print("\n".join(report.page_table(results, workload)))
             print("\n".join(report.comparison_table(results["comparisons"].get(workload, []))))
 

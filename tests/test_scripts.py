@@ -106,3 +106,16 @@ def test_replay_drafters(tmp_path):
     out = run_script("replay_drafters.py", str(tmp_path / "results.json"), "--drafters", "trie",
                      "--held-out-from", str(tmp_path / "tuned.json"))
     assert re.search(r"\| copy \(1\) \|", out) and re.search(r"\| fresh \(3\) \|", out)
+
+
+def test_results_tables_on_a_committed_run():
+    """The results page's tables from a run the page cites: per workload the page table, the
+    comparisons, and the oracles recomputed from the records' prompts."""
+    out = run_script("results_tables.py", str(Path(__file__).parent.parent / "docs" / "benchmarks" / "p20-copy"))
+    assert "#### summarize (copy oracle: " in out and "after a matched token: " in out
+    rows = [line for line in out.splitlines() if re.match(r"\| trie \| [\d.]+×", line)]
+    assert len(rows) == 2  # one page-table row per workload
+    shares = [float(cell.strip().rstrip("%")) for row in rows for cell in row.split("|")[5:7]]
+    # a share of the oracle after a matched token is larger than of the copy oracle, and at most all of it
+    assert all(0 < copy < matched <= 100 for copy, matched in zip(shares[::2], shares[1::2]))
+    assert re.search(r"\| trie \| prompt-lookup \| [\d.]+× \([\d.]+–[\d.]+\) \| (faster|slower|within the noise) \|", out)
