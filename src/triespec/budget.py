@@ -338,6 +338,15 @@ class Calibration:
     def node_rate(self, tree: TokenTree, node: int) -> float:
         return self.rate(edge_score(tree, node), tree.depths[node], _kind(tree, node))
 
+    def reach(self, tree: TokenTree, scaled: bool = True) -> list[float]:
+        """Each node's chance of being accepted: the calibrated rates of its path's edges,
+        multiplied (and corrected by the scale), siblings sharing their parent's chance."""
+        reach: list[float] = []
+        for node, parent in enumerate(tree.parents):
+            reach.append((reach[parent] if parent >= 0 else 1.0) * self.node_rate(tree, node))
+        scale = self.scale if scaled else 1.0
+        return _exclusive(tree, [min(r * scale, 1.0) for r in reach])
+
     def state(self) -> np.ndarray:
         """Everything learned, flat (saved with the trie, so a restart keeps it)."""
         return np.array([*self.drafted, *self.accepted, self.expected, self.realized], dtype=np.float64)
@@ -448,7 +457,7 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
     tokens into a compute-bound forward) only near-certain drafts still pay. For one row
     this is the tree's own order. Once in a while the prefix kept is another, one that
     feeds a size the cost curve has not confirmed (`CostModel.explore`)."""
-    reach = [_reach(tree, calibration) for tree in trees]
+    reach = [calibration.reach(tree) for tree in trees]
     gain, tokens = float(len(trees) + others), fed  # every row yields at least its bonus token
     best_rate, best_steps = gain / cost(tokens, context), 0
     order: list[int] = []  # the row of each added node
@@ -474,17 +483,7 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
 
 def expected_tokens(tree: TokenTree, size: int, calibration: Calibration) -> float:
     """Accepted tokens the first `size` nodes are worth by the per-edge rates alone."""
-    return sum(_reach(tree, calibration, scaled=False)[:size])
-
-
-def _reach(tree: TokenTree, calibration: Calibration, scaled: bool = True) -> list[float]:
-    """Each node's chance of being accepted: the calibrated rates of its path's edges,
-    multiplied (and corrected by the calibration's scale)."""
-    reach: list[float] = []
-    for node, parent in enumerate(tree.parents):
-        reach.append((reach[parent] if parent >= 0 else 1.0) * calibration.node_rate(tree, node))
-    scale = calibration.scale if scaled else 1.0
-    return _exclusive(tree, [min(r * scale, 1.0) for r in reach])
+    return sum(calibration.reach(tree, scaled=False)[:size])
 
 
 def _exclusive(tree: TokenTree, reach: list[float]) -> list[float]:
@@ -594,7 +593,7 @@ class Gate:
 
 def worth(tree: TokenTree, calibration: Calibration) -> float:
     """Expected accepted tokens of the whole tree, by the calibrated (and scaled) rates."""
-    return sum(_reach(tree, calibration))
+    return sum(calibration.reach(tree))
 
 
 class Budget:
