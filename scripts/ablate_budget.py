@@ -13,10 +13,13 @@ would serve them.
 
 Each knob is removed alone, by its simplest replacement, through public settings or a
 subclass defined here; the table gives the modelled speed-up over plain decoding of the
-shipped budget and each variant's change from it. Perturbations that should not matter
-(a cell's memory 16 -> 17 edges, the scale's 50 -> 55 tokens, the tasks in another
-order) give the replay's noise floor on each row: a knob whose removal changes no row by
-more than max(3%, that row's floor) has not earned its place ("within noise").
+shipped budget and each variant's change from it. (The knobs that went, and the variants
+that removed them, are in this script at commit f83c9e7; docs/budget.md has their
+figures.) Perturbations that should not matter (a cell's memory 16 -> 17 edges, the
+tasks in another order) give the replay's noise floor on each row. A knob whose removal
+costs some row more than max(3%, that row's floor) earns its place ("costs"); one whose
+removal changes no row by more is "within noise", and one whose removal only gains
+beyond it "helps". "all" shares the first run's own curve.
 
 The curves: each run's own (`cost_curve` of the file), and any `--curve LABEL=FILE`
 (another run's `cost_curve`, for every workload). A simulation under a curve, not a speed
@@ -26,18 +29,16 @@ claim.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from triespec.budget import Calibration, CostModel
 from triespec.replay import replay
-from triespec.tree import COPYING, TRIE, TokenTree
 
 MOST = 33  # the engine's curve: decoding_length + 1 tokens
 COLD_SIZES = (1, 2, 4, 8, 16, 32, 33)  # what CostModel.measure times at a cold start
@@ -45,87 +46,20 @@ COLD_SIZES = (1, 2, 4, 8, 16, 32, 33)  # what CostModel.measure times at a cold 
 
 # --- the variants: each removes one knob by its simplest replacement ---
 
-class OneKind(Calibration):
-    """No COPYING kind (COPY_RUN never reached): a trie node drafted during a copy shares
-    the cells of any trie node."""
-
-    def rate(self, p, depth=1, kind=TRIE):
-        return super().rate(p, depth, TRIE if kind == COPYING else kind)
-
-    def observe(self, p, accepted, depth=1, kind=TRIE):
-        super().observe(p, accepted, depth, TRIE if kind == COPYING else kind)
-
-
-class Unscaled(Calibration):
-    """No whole-tree scale: the per-edge rates alone."""
-
-    @property
-    def scale(self) -> float:
-        return 1.0
-
-
-class NotExclusive(Calibration):
-    """Siblings' chances are not made to share their parent's: each node's chance is the
-    product of its path's rates (times the scale), capped at 1."""
-
-    def reach(self, tree: TokenTree, scaled: bool = True) -> list[float]:
-        reach: list[float] = []
-        for node, parent in enumerate(tree.parents):
-            reach.append((reach[parent] if parent >= 0 else 1.0) * self.node_rate(tree, node))
-        scale = self.scale if scaled else 1.0
-        return [min(r * scale, 1.0) for r in reach]
-
-
-class BinMiddle(Calibration):
-    """No trie_mean: every cell starts at its bin's middle, as a draft model's do."""
-
-    def __init__(self, **settings):
-        super().__init__(**settings)
-        self.accepted = [d * (c % self.bins + 0.5) / self.bins for c, d in enumerate(self.drafted)]
-
-
-class OneDepth(Calibration):
-    """No depth classes: one cell per score bin and kind."""
-
-    depths = (1,)
-
-
-def no_context(cost: CostModel) -> CostModel:
-    """The deciding curve without per-context pricing (the charge keeps it)."""
-    cost.per_context = (0.0, 0.0)
-    return cost
-
-
-def no_exploring(cost: CostModel) -> CostModel:
-    cost.explore_every = 10**9
-    return cost
-
-
 @dataclass
 class Variant:
     label: str  # what the variant removes (or changes), as the table shows it
     calibration: Callable[[], Calibration] = Calibration
-    curve: Callable[[CostModel], CostModel] = lambda cost: cost  # the deciding curve, a fresh copy
     order: int | None = None  # tasks shuffled with this seed (None: as recorded)
 
 
 KNOBS: dict[str, Variant] = {
-    "kinds": Variant("COPYING kind (COPY_RUN) off", OneKind),
-    "scale": Variant("whole-tree scale = 1", Unscaled),
-    "exclusive": Variant("_exclusive off", NotExclusive),
-    "per-context": Variant("per-context pricing off", curve=no_context),
-    "exploration": Variant("exploration off", curve=no_exploring),
     "prior": Variant("prior 2 -> 0.01", lambda: Calibration(prior=0.01)),
-    "trie-mean": Variant("trie_mean -> bin middle", BinMiddle),
-    "forgetting": Variant("forgetting off (both)", lambda: Calibration(memory=None, scale_memory=None)),
-    "memory": Variant("cell memory off", lambda: Calibration(memory=None)),
-    "scale-memory": Variant("scale memory off", lambda: Calibration(scale_memory=None)),
-    "depths": Variant("depth classes off", OneDepth),
+    "forgetting": Variant("forgetting off", lambda: Calibration(memory=None)),
     "bins": Variant("score bins off", lambda: Calibration(bins=1)),
 }
 NOISE: dict[str, Variant] = {
     "memory-17": Variant("noise: memory 16 -> 17", lambda: Calibration(memory=17.0)),
-    "scale-memory-55": Variant("noise: scale memory 50 -> 55", lambda: Calibration(scale_memory=55.0)),
     "shuffled-1": Variant("noise: tasks shuffled (seed 1)", order=1),
     "shuffled-2": Variant("noise: tasks shuffled (seed 2)", order=2),
 }
@@ -183,7 +117,7 @@ def speedup(tasks: list[Task], charge: CostModel, variant: Variant) -> float:
     if variant.order is not None:
         tasks = random.Random(variant.order).sample(tasks, len(tasks))
     generations = [turn for task in tasks for turn in task]
-    decide = variant.curve(copy.deepcopy(cold(charge)))
+    decide = cold(charge)
     figure = replay(generations, charge, variant.calibration(), cost=decide).speedup
     gc.collect()  # the collector is off during replays (main): one pass per replay, not one per trie feed
     return figure
@@ -232,8 +166,9 @@ def main() -> None:
         for name, variant in variants.items():
             if name == "shipped":
                 continue
-            beyond = any(abs(c) > max(0.03, floor) for c, floor in zip(change[name], noise))
-            verdict = "" if name in NOISE else (" (matters)" if beyond else " (within noise)")
+            costs = any(c < -max(0.03, floor) for c, floor in zip(change[name], noise))
+            helps = any(c > max(0.03, floor) for c, floor in zip(change[name], noise))
+            verdict = "" if name in NOISE else f" ({'costs' if costs else 'helps' if helps else 'within noise'})"
             print(f"| {variant.label} | " + " | ".join(f"{100 * c:+.1f}%" for c in change[name])
                   + f" | {100 * max(change[name], key=abs):+.1f}%{verdict} |")
         print()
