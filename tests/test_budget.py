@@ -10,7 +10,7 @@ import triespec.budget as budget
 from triespec import Engine, TokenTree
 from triespec.tree import MODEL, TRIE
 from triespec.drafters import Drafter, DraftSession, MergedDrafter, ModelDrafter, TrieDrafter
-from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label, worth
+from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -44,22 +44,8 @@ def test_cost_model_prices_the_context():
     cost = CostModel([1, 32], [0.2, 0.4], context=64, per_context=(0.01e-3 - 0.19e-3 / 31, 0.19e-3 / 31))
     assert cost(1) == cost(1, 64) == pytest.approx(0.2)
     assert cost(1, 1064) == pytest.approx(0.21) and cost(32, 1064) == pytest.approx(0.6)
-    # steps after long prompts, timed as priced: the curve at the measured context stays put
-    # (priced without their context, they made every size look slower, and the cut treated
-    # short prompts' trees as dear)
-    for _ in range(50):
-        for tokens in (1, 32):
-            cost.observe(tokens, cost(tokens, 1564), 1564)
-    assert cost.seconds == pytest.approx([0.2, 0.4])
     with pytest.raises(ValueError, match="per_context"):
         CostModel([1], [1.0], per_context=(-1.0, 0.0))
-
-
-def test_the_longer_the_context_the_smaller_the_tree():
-    chain = scored_chain([0.9, 0.8, 0.7, 0.6])
-    cost = CostModel([1, 8], [1.0, 1.2], context=64, per_context=(0.0, 1e-3))  # +1 s per token fed per 1000 cached
-    assert [best_size(chain, 1, cost, Exact(), context=c) for c in (64, 1064, 2064, 6064)] == [4, 3, 2, 1]
-    assert best_size(chain, 1, cost, Exact()) == 4  # no context given: the measured one
 
 
 def test_cost_model_is_measured_on_the_model():
@@ -120,19 +106,18 @@ def scored_chain(scores):
     return TokenTree(tuple(range(1, len(scores) + 1)), tuple(range(-1, len(scores) - 1)), tuple(scores))
 
 
-def sure_of(depths) -> Calibration:
-    """A calibration that saw 100 trie edges scored 1.0 accepted at each of `depths`."""
+def sure() -> Calibration:
+    """A calibration that saw 100 trie edges scored 1.0, all accepted."""
     cal = Calibration()
-    for depth in depths:
-        for _ in range(100):
-            cal.observe(1.0, True, depth)
+    for _ in range(100):
+        cal.observe(1.0, True)
     return cal
 
 
 class Exact(Calibration):
     """A calibration that believes the drafter."""
 
-    def rate(self, p, depth=1, kind=TRIE):
+    def rate(self, p, kind=TRIE):
         return p
 
 
@@ -159,41 +144,26 @@ def test_a_sure_chain_is_worth_the_product_of_its_edge_rates():
     """A trie path seen once scores 1.0 at every depth; if such edges are right 30% of
     the time, 15 of them are worth 0.3 + 0.09 + ... ~ 0.43 tokens, not 15 x 0.3."""
     cal = Calibration(memory=None)  # every edge counts alike, whatever its order
-    for depth in range(1, 16):
-        for accepted in [True] * 30 + [False] * 70:
-            cal.observe(1.0, accepted, depth)
+    for accepted in [True] * 30 + [False] * 70:
+        cal.observe(1.0, accepted)
     chain = scored_chain([1.0] * 15)
     jump = CostModel([1, 2, 64], [1.0, 2.2, 4.0])  # Qwen 1.5B fp32 on this machine: 2 tokens cost 2.2
     assert best_size(chain, 1, jump, cal) == 0
     assert best_size(chain, 1, CostModel([1, 64], [1.0, 1.0]), cal) == 15  # free tokens: take them all
-    assert best_size(chain, 1, jump, sure_of(range(1, 16))) == 15  # edges that are always right do pay
+    assert best_size(chain, 1, jump, sure()) == 15  # edges that are always right do pay
 
 
-def test_the_prior_explores_only_where_draft_tokens_are_nearly_free():
-    """Before any evidence, a chain of seen-once trie paths is worth 0.2 + 0.04 + ...:
-    enough to verify a few nodes where they cost next to nothing, never where a second
-    token doubles the forward."""
+def test_a_start_that_trusts_the_scores_is_corrected_by_the_trees_cut_in_the_shadow():
+    """Before any evidence a cell trusts its bin (a chain of seen-once trie paths, 0.95 per
+    edge, is verified even where a second token doubles the forward); a few trees scored
+    after they were cut to nothing bring it down, and the cut then verifies nothing."""
     chain = scored_chain([1.0] * 8)
-    bf16 = CostModel([1, 2, 4, 8, 16, 32], [0.206, 0.227, 0.229, 0.243, 0.305, 0.443])  # measured 2026-11-27
     fp32 = CostModel([1, 2, 4, 8, 16, 32], [0.41, 0.90, 1.0, 1.0, 1.2, 1.6])
-    assert best_size(chain, 1, bf16, Calibration()) > 0
-    assert best_size(chain, 1, fp32, Calibration()) == 0
-    assert best_size(chain, 1, bf16, Calibration(trie_mean=0.0)) == 0  # a prior of nothing never explores
-
-
-def test_siblings_share_their_parents_chance_first_listed_first():
-    """Siblings are different tokens at one position: at most one is accepted."""
-    #   root -> 5 (0.8)            node 0
-    #        -> 9 (0.6) -> 6 (1.0) nodes 1, 2
-    tree = TokenTree((5, 9, 6), (-1, -1, 1), (0.8, 0.6, 0.6))
-    # 0.8 + 0.6 > 1: the first keeps 0.8, the second gets what is left, and its child alike
-    assert worth(tree, Exact()) == pytest.approx(0.8 + 0.2 + 0.2)
-    assert worth(TokenTree((5, 9), (-1, -1), (0.5, 0.3)), Exact()) == pytest.approx(0.8)  # they fit: as they were
-    # two branches of a copy, each sure at every edge: worth one branch, not two
-    two = TokenTree((1, 2, 3, 4, 7, 8), (-1, 0, 1, 0, 3, 4), (1.0,) * 6)
-    assert worth(two, Exact()) == pytest.approx(3.0)
-    bf16 = CostModel([1, 4, 8], [1.0, 1.05, 1.5])  # the first 3 nodes nearly free, the next ones not
-    assert best_size(two, 1, bf16, Exact()) == 3  # the first branch; the second is worth nothing more
+    cal = Calibration()
+    assert cal.rate(1.0) == pytest.approx(0.95) and best_size(chain, 1, fp32, cal) == 8
+    for _ in range(3):  # three proposals, cut or not, whose first edge was wrong
+        Watched(0, chain).update(cal, [99], finished=True)
+    assert cal.rate(1.0) == pytest.approx(1.9 / 5) and best_size(chain, 1, fp32, cal) == 0
 
 
 def test_edges_count_a_node_only_where_its_parent_was_accepted():
@@ -204,34 +174,36 @@ def test_edges_count_a_node_only_where_its_parent_was_accepted():
 
 
 def test_calibration_learns_the_observed_rate():
-    assert Calibration().rate(0.55) == pytest.approx(0.2)  # a trie node before evidence: cautious
-    cal = Calibration(prior=4.0, trie_mean=0.0, memory=None)  # counting alone, nothing forgotten
+    assert Calibration().rate(0.55) == pytest.approx(0.55)  # before evidence: the bin's middle
+    cal = Calibration(prior=4.0, memory=None)  # counting alone, nothing forgotten
     for _ in range(400):
         cal.observe(0.55, False)
     for _ in range(100):
         cal.observe(0.55, True)
     assert cal.rate(0.55) == pytest.approx(0.2, abs=0.01)
-    assert cal.rate(0.95) == 0.0 and cal.rate(0.55, depth=2) == 0.0  # other cells untouched
+    assert cal.rate(0.95) == pytest.approx(0.95) and cal.rate(0.55, kind=MODEL) == pytest.approx(0.55)  # untouched
     for _ in range(10):
-        cal.observe(0.55, True, depth=7)
-    assert cal.rate(0.55, depth=5) == pytest.approx(10 / 14)  # depths 5 and deeper share a cell
+        cal.observe(0.95, False)
+    assert cal.rate(0.99) == pytest.approx(3.8 / 14)  # scores 0.9-1.0 share a cell
 
 
-def test_a_draft_models_nodes_start_at_their_q_and_the_tries_cautious():
-    """A small model's q is an estimate of acceptance from the first step, and its
-    forwards are spent before the cut; a trie's 1.0 (a path seen once) is not."""
+def test_a_draft_models_cells_and_the_tries_learn_apart():
+    """A small model's q and a trie's count ratio mean different things: evidence on one
+    kind leaves the other's cells as they were."""
     cal = Calibration(memory=None)  # every edge counts alike, whatever its order
-    assert cal.rate(0.85, 1, kind=MODEL) == pytest.approx(0.85) and cal.rate(0.85, 1) == pytest.approx(0.2)
+    assert cal.rate(0.85, kind=MODEL) == pytest.approx(0.85) == cal.rate(0.85)
+    for _ in range(200):  # the trie's 0.9 edges are wrong nine times in ten
+        cal.observe(0.9, False)
     bf16 = CostModel([1, 2, 4, 8, 16], [0.19, 0.20, 0.21, 0.23, 0.29])  # about Qwen 1.5B bf16, AVX512_BF16
-    scores = [0.9 ** d for d in range(1, 9)]  # a chain, q = 0.9 at every edge
+    scores = [0.9 ** d for d in range(1, 9)]  # a chain, 0.9 at every edge
     model_chain = TokenTree(tuple(range(1, 9)), tuple(range(-1, 7)), tuple(scores), kinds=(MODEL,) * 8)
     assert best_size(model_chain, 1, bf16, cal) == 8
-    assert best_size(scored_chain(scores), 1, bf16, cal) <= 2  # the same chain from the trie: a node or two
+    assert best_size(scored_chain(scores), 1, bf16, cal) <= 1  # the same chain from the trie: a node at most
     for _ in range(200):  # evidence overrides the prior: this model's 0.9 is right half the time
-        cal.observe(0.9, False, 1, kind=MODEL)
-        cal.observe(0.9, True, 1, kind=MODEL)
-    assert cal.rate(0.9, 1, kind=MODEL) == pytest.approx(0.5, abs=0.01)
-    assert cal.rate(0.9, 2, kind=MODEL) == pytest.approx(0.95)  # another depth class: still the prior
+        cal.observe(0.9, False, kind=MODEL)
+        cal.observe(0.9, True, kind=MODEL)
+    assert cal.rate(0.9, kind=MODEL) == pytest.approx(0.5, abs=0.01)
+    assert cal.rate(0.8, kind=MODEL) == pytest.approx(0.85)  # another score bin: still the prior
 
 
 def test_a_merged_node_is_of_the_model_kind_when_a_model_proposed_it():
@@ -245,30 +217,16 @@ def test_a_merged_node_is_of_the_model_kind_when_a_model_proposed_it():
 
 
 def test_a_watched_tree_teaches_each_edge_as_soon_as_a_token_decides_it():
-    cal = Calibration(prior=4.0, trie_mean=0.0)
+    cal = Calibration(prior=4.0)  # 3.8 of 4 pseudo-edges accepted
     chain = scored_chain([1.0, 1.0, 1.0])  # tokens 1, 2, 3 at depths 1, 2, 3
-    watched = Watched(start=5, tree=chain, size=3, expected=2.0)
+    watched = Watched(start=5, tree=chain)
     seq = [0] * 5
     assert not watched.update(cal, seq + [1])  # depth 1 decided (right), the rest not yet
-    assert cal.rate(1.0, 1) == pytest.approx(1 / 5) and cal.rate(1.0, 2) == 0.0
+    assert cal.rate(1.0) == pytest.approx(4.8 / 5)
     assert not watched.update(cal, seq + [1])  # nothing new: nothing learned twice
-    assert cal.rate(1.0, 1) == pytest.approx(1 / 5)
+    assert cal.rate(1.0) == pytest.approx(4.8 / 5)
     assert watched.update(cal, seq + [1, 2, 7])  # depth 2 right, depth 3 wrong: decided
-    assert cal.rate(1.0, 2) == pytest.approx(1 / 5) and cal.rate(1.0, 3) == 0.0
-    assert cal.drafted[cal._cell(1.0, 3)] == 5  # the rejection was counted
-    assert (cal.expected, cal.realized) == (2.0, 2)  # the scale learns whole trees, once decided
-
-
-def test_the_scale_corrects_rates_that_overrate_whole_trees():
-    cal = sure_of((1, 2))
-    chain = scored_chain([1.0, 1.0])
-    assert cal.scale == 1.0
-    for _ in range(20):  # each 2-node chain was worth ~2 tokens by the rates, and 1 was accepted
-        cal.learn(chain, [1, 9], size=2, expected=2.0)
-    assert cal.scale == pytest.approx(24 / 44)  # four prior tokens, all accepted
-    jump = CostModel([1, 2, 3, 64], [1.0, 2.2, 2.6, 4.0])
-    assert best_size(chain, 1, jump, cal) == 0  # 1 + 2 x 0.55 tokens do not pay for 2.6
-    assert best_size(chain, 1, jump, Calibration()) == 0  # nor does the cautious prior, on this curve
+    assert cal.rate(1.0) == pytest.approx(5.8 / 7) and cal.drafted[cal._cell(1.0)] == 7
 
 
 def test_calibration_follows_a_change_of_traffic():
@@ -281,38 +239,9 @@ def test_calibration_follows_a_change_of_traffic():
         for _ in range(20):
             cal.observe(1.0, True)
     assert forgetting.rate(1.0) > 0.65 and counting.rate(1.0) < 0.1
-    assert forgetting.drafted[forgetting._cell(1.0, 1)] == pytest.approx(16.0)
+    assert forgetting.drafted[forgetting._cell(1.0)] == pytest.approx(16.0)
     with pytest.raises(ValueError, match="memory"):
         Calibration(memory=2.0)  # not even the prior and one edge
-
-
-def test_the_scale_follows_a_change_of_traffic():
-    cal = Calibration(scale_memory=50.0)
-    for _ in range(100):
-        cal.tally(2.0, 0.0)  # trees that failed
-    for _ in range(25):
-        cal.tally(2.0, 2.0)  # then trees that paid in full
-    assert cal.expected == pytest.approx(50.0) and cal.scale > 0.6
-    counting = Calibration(scale_memory=None)
-    for expected, realized in [(2.0, 0.0)] * 100 + [(2.0, 2.0)] * 25:
-        counting.tally(expected, realized)
-    assert counting.scale < 0.25
-
-
-def test_one_failed_tree_does_not_shut_drafting_off():
-    # Where a second token costs 1.6x the first, a chain the rates are sure of (0.98 per
-    # edge) still pays after one verified tree was rejected: the scale's prior keeps it
-    # at 4/6, where a prior of one token would put it at 1/3 and verify nothing.
-    def sure():
-        cal = sure_of((1, 2))
-        cal.learn(scored_chain([1.0, 1.0]), [9], size=2, expected=2.0)
-        return cal
-    chain, steep = scored_chain([1.0, 1.0]), CostModel([1, 2, 3, 64], [1.0, 1.6, 2.0, 4.0])
-    assert sure().scale == pytest.approx(4 / 6)
-    assert best_size(chain, 1, steep, sure()) == 2
-    one = sure()
-    one.scale_prior = 1.0
-    assert best_size(chain, 1, steep, one) == 0
 
 
 def test_a_batch_spends_its_budget_on_the_likeliest_nodes_of_any_row():
@@ -521,8 +450,7 @@ def test_a_cold_start_times_only_a_few_sizes(monkeypatch):
     model = make_model("llama")
     engine = Engine(model, decoding_length=32)  # a curve up to 33 tokens
     timed = [1, 2, 4, 8, 16, 32, 33]
-    long = 256 - 33  # the tiny model's context, the largest tree left room
-    assert fed == [(1, 64)] + [(n, 64) for n in timed] + [(1, long), (1, long), (1, long), (33, long), (33, long)]
+    assert fed == [(1, 64)] + [(n, 64) for n in timed]  # a warm-up, then each size once
     assert engine.budget.cost.sizes == list(range(1, 34))
     assert engine.budget.cost.confirmed == [n in timed for n in range(1, 34)]
 
@@ -536,53 +464,3 @@ def test_a_first_real_step_confirms_a_size_and_takes_a_lower_time_whole():
     assert cost.seconds[2] == pytest.approx(2.25 + 0.2 * 1.0) and cost.confirmed[2]
     cost.observe(3, 1.0)  # confirmed: smoothing both ways
     assert cost.seconds[2] == pytest.approx(2.45 + 0.2 * (1.0 - 2.45))
-
-
-def test_the_cut_explores_unconfirmed_sizes_one_step_in_n_nearest_first():
-    # Every timed size dear enough that the cut verifies nothing; the sizes between are lines.
-    cost = CostModel(list(range(1, 9)), [1.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
-                     confirmed=[n in (1, 2, 4, 8) for n in range(1, 9)], explore_every=4, smoothing=0.0)
-    tree, calibration = scored_chain([0.99 ** k for k in range(1, 8)]), Calibration()
-    fed = []
-    for step in range(40):
-        nodes = best_size(tree, 1, cost, calibration)
-        fed.append(1 + nodes)
-        cost.observe(1 + nodes, cost(1 + nodes))  # a real step, timed as priced
-    explored = [(step, n) for step, n in enumerate(fed) if n != 1]
-    # one cut in four at most, each to the unconfirmed size nearest the best (1 token), once
-    assert explored == [(3, 3), (7, 5), (11, 6), (15, 7)]
-    assert all(cost.confirmed)  # and then never again
-
-
-def test_exploration_picks_the_nearer_side_and_the_smaller_of_two():
-    cost = CostModel(list(range(1, 10)), [float(n) for n in range(1, 10)],
-                     confirmed=[n in (1, 5, 9) for n in range(1, 10)], explore_every=1)
-    assert cost.explore(fed=1, chosen=4, most=8) == 3  # size 5 chosen: 4 and 6 as near, 4 is smaller
-    assert cost.explore(fed=5, chosen=0, most=4) == 1  # 4 out of reach (5 tokens fed anyway): 6
-    assert cost.explore(fed=1, chosen=0, most=8) == 1  # from 1: 2, then 3 ...
-    assert cost.explore(fed=1, chosen=6, most=8) == 6  # an unconfirmed choice (7): its own step confirms it
-    assert cost.explore(fed=9, chosen=0, most=5) == 0  # nothing unconfirmed in reach: the choice
-
-
-def test_an_engine_explores_within_its_bound_and_stays_exact(monkeypatch):
-    model = make_model("llama", seed=3)
-    engine = Engine(model, decoding_length=16, branch_length=6)
-    engine.budget.cost.explore_every = 4
-    calls, explore = [], engine.budget.cost.explore
-
-    def watched(fed, chosen, most):
-        confirmed = list(engine.budget.cost.confirmed)
-        nodes = explore(fed, chosen, most)
-        calls.append((fed, chosen, nodes, confirmed))
-        return nodes
-
-    monkeypatch.setattr(engine.budget.cost, "explore", watched)
-    for seed in range(4):
-        prompt = repetitive_prompt(seed)
-        assert engine.generate(prompt, max_new_tokens=40).token_ids == plain_greedy(model, prompt, 40)
-    explored = [i for i, (fed, chosen, nodes, _) in enumerate(calls) if nodes != chosen]
-    assert explored and all(b - a >= 4 for a, b in zip(explored, explored[1:]))
-    for i in explored:
-        fed, chosen, nodes, confirmed = calls[i]
-        assert not confirmed[fed + nodes - 1]  # a size the curve had not confirmed
-        assert engine.budget.cost.confirmed[fed + nodes - 1]  # which the step then confirmed

@@ -20,9 +20,8 @@ def a_curve() -> CostModel:
 
 def learned() -> Calibration:
     calibration = Calibration()
-    for depth, ok in [(1, True), (1, False), (2, True), (5, True)]:
-        calibration.observe(0.9, ok, depth)
-    calibration.tally(3.0, 2.0)
+    for p, ok in [(0.9, True), (0.9, False), (0.5, True), (0.2, True)]:
+        calibration.observe(p, ok)
     return calibration
 
 

@@ -149,28 +149,23 @@ def test_warm_from_jsonl_drafts_the_answers(tmp_path):
 
 def test_the_budget_calibration_is_saved_with_the_trie(tmp_path):
     from triespec.budget import Calibration
-    from triespec.tree import MODEL
+    from triespec.tree import MODEL, TRIE
     from triespec.persist import load_calibration, write_arrays
 
     learned = Calibration()
-    for depth, accepted in [(1, True), (1, False), (3, True), (7, True)]:
-        learned.observe(0.9, accepted, depth)
-    learned.expected, learned.realized = 12.5, 7.0
+    for p, accepted in [(0.9, True), (0.9, False), (0.5, True), (0.9, True)]:
+        learned.observe(p, accepted)
+    learned.observe(0.9, False, kind=MODEL)
     write_arrays(flatten(filled_trie()), tmp_path / "t.npz", FP, calibration=learned.state())
     restored = Calibration()
     restored.restore(load_calibration(tmp_path / "t.npz"))
-    assert [restored.rate(0.9, d) for d in (1, 3, 7)] == [learned.rate(0.9, d) for d in (1, 3, 7)]
-    assert restored.scale == learned.scale != 1.0
+    cells = [(p, kind) for p in (0.5, 0.9) for kind in (TRIE, MODEL)]
+    assert [restored.rate(p, kind) for p, kind in cells] == [learned.rate(p, kind) for p, kind in cells]
+    assert restored.rate(0.9) != Calibration().rate(0.9)
     assert len(load_trie(tmp_path / "t.npz", FP)) == len(filled_trie())
 
     save_trie(filled_trie(), tmp_path / "bare.npz", FP)  # saved without one
     assert load_calibration(tmp_path / "bare.npz") is None
-    cells = len(learned.drafted)  # 40 per kind
-    older = np.concatenate([learned.state()[:40], learned.state()[cells : cells + 40], learned.state()[-2:]])
-    restored = Calibration()  # saved before kinds existed: its trie cells come back
-    restored.restore(older)
-    assert restored.rate(0.9, 1) == learned.rate(0.9, 1) and restored.scale == learned.scale
-    assert restored.rate(0.9, 1, kind=MODEL) == Calibration().rate(0.9, 1, kind=MODEL)
     for bad in (learned.state()[:-1], -learned.state(), np.full_like(learned.state(), np.nan)):
         with pytest.raises(ValueError, match="calibration"):
             Calibration().restore(bad)

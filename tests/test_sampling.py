@@ -346,7 +346,7 @@ def test_a_cut_that_looks_at_the_draws_keeps_the_law():
     # the first step feeds the prompt (5 tokens): a sixth costs half a forward more; real steps do not move it
     cost = CostModel([1, 5, 6, 7], [1.0, 1.0, 1.5, 2.0], smoothing=0.0)
     engine = Engine(model, drafter=SampledChild(q), cost=cost)
-    engine.budget.calibration = Calibration(prior=1e6, memory=None, scale_prior=1e6)
+    engine.budget.calibration = Calibration(prior=1e6, memory=None)
     g = torch.Generator().manual_seed(0)
     n, counts, verified = 1500, {}, 0
     for _ in range(n):

@@ -119,3 +119,23 @@ def test_results_tables_on_a_committed_run():
     # a share of the oracle after a matched token is larger than of the copy oracle, and at most all of it
     assert all(0 < copy < matched <= 100 for copy, matched in zip(shares[::2], shares[1::2]))
     assert re.search(r"\| trie \| prompt-lookup \| [\d.]+× \([\d.]+–[\d.]+\) \| (faster|slower|within the noise) \|", out)
+
+
+@pytest.mark.slow
+def test_ablate_budget(tmp_path):
+    synthetic_run(tmp_path / "results.json")
+    steep = json.loads((tmp_path / "results.json").read_text())
+    steep["cost_curve"]["seconds"] = [0.5 + 0.2 * n for n in steep["cost_curve"]["sizes"]]
+    (tmp_path / "steep.json").write_text(json.dumps(steep))
+    out = run_script("ablate_budget.py", str(tmp_path / "results.json"), "--curve", f"steep={tmp_path / 'steep.json'}",
+                     "--knobs", "prior,forgetting", "--json", str(tmp_path / "figures.json"), timeout=300)
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert set(figures) == {"own", "steep"}
+    for curve in figures.values():
+        assert set(curve) == {"shipped", "memory-17", "shuffled-1", "shuffled-2", "prior", "forgetting"}
+        assert all(set(rows) == {"copy", "fresh", "all"} for rows in curve.values())
+    # copying answers pay where a token fed costs 0.01 s more, and do not where it costs 0.2 s
+    assert figures["own"]["shipped"]["copy"] > 1.5
+    assert figures["steep"]["shipped"]["fresh"] == pytest.approx(1.0, abs=0.05)
+    rows = [line for line in out.splitlines() if line.startswith("| prior 2 -> 0.01 |")]
+    assert len(rows) == 2 and all(re.search(r"\((costs|helps|within noise)\) \|$", row) for row in rows)

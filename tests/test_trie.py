@@ -90,24 +90,6 @@ def test_retrieval_follows_the_context():
     assert tree.depth <= 4 and len(tree) <= 16
 
 
-def test_proposals_in_a_running_copy_are_of_the_copying_kind():
-    from triespec.tree import COPYING
-
-    prompt = [50, 1, 2, 3, 4, 5, 6, 7, 8, 60, 1, 2]
-    session = TrieDrafter(decoding_length=16, branch_length=4).begin(prompt)
-    assert session.propose(16, 8).kinds is None  # a fresh match
-    session.learn([3])  # the proposal had it right, whether it was verified or not
-    assert session.propose(16, 8).kinds is None
-    session.learn([4, 5])
-    assert session.propose(16, 8).kinds == (COPYING,) * 4  # 3 tokens in a row: a copy is going on
-    session.learn([6, 7, 8, 60])  # a branch that ends is no miss
-    tree = session.propose(16, 8)
-    assert tree.kinds is not None and tree.tokens[0] == 1
-    session.learn([3])  # a miss (the proposal said 1): the run starts over
-    tree = session.propose(16, 8)
-    assert tree.tokens[0] == 4 and tree.kinds is None
-
-
 def test_hierarchical_branches_share_prefixes_and_scores_fall_along_paths():
     # after "1 2" the context continued with "3 4" twice and "3 5" once
     prompt = [1, 2, 3, 4, 9, 1, 2, 3, 4, 8, 1, 2, 3, 5, 7, 1, 2]

@@ -5,17 +5,18 @@ nodes yields 1 + (expected accepted tokens) tokens and costs cost(k + m) seconds
 tree is cut to the m that maximises that ratio, m = 0 included; in a batch, the rows'
 nodes compete for one forward (`best_sizes`).
 
-- `CostModel`: seconds per forward by tokens fed, measured on this machine at a cold
-  start (a few sizes), refined from real steps and kept on disk (budget_store; the curve
-  differs by hardware and dtype: on a CPU without AMX in fp32, 2 tokens cost 2.2x one
-  token; on a GPU, about 1x).
+- `CostModel`: seconds per forward by tokens fed, timed on this machine at a cold start
+  (a few sizes), refined by real steps and kept on disk (budget_store): the curve
+  differs by hardware and dtype by several times over.
 - `Calibration`: how often a node is accepted when its parent is, by the drafter's
-  edge probability and the node's depth, learned from every proposed tree, including
-  the ones that were cut and never verified: a tree is scored afterwards against the
-  tokens that were generated ("shadow acceptance"), so the budget can come back up
-  after it has gone to zero. A scale (accepted over expected tokens of trees as cut)
-  corrects what per-edge rates miss.
+  edge probability and the kind of score, learned from every proposed
+  tree, the cut ones included: a tree is scored afterwards against the tokens that were
+  generated ("shadow acceptance"), so the budget can come back up after it has gone to
+  zero.
 - `Gate`: whether running a draft model pays at all, its forwards included.
+
+Each part is here because removing it costs speed on some workload: docs/budget.md has
+the ablation (scripts/ablate_budget.py).
 """
 
 from __future__ import annotations
@@ -33,153 +34,83 @@ from transformers import DynamicCache
 from .kernels import current as current_kernels
 from .kv import keep_paths
 from .masks import Row, context_length, forward, pack, with_cache
-from .tree import KINDS, MODEL, TRIE, TokenTree
+from .tree import KINDS, TRIE, TokenTree
 
 
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(max_tokens, kernels): CostModel}
 
 
 class CostModel:
-    """Seconds per forward by tokens fed and by tokens cached.
+    """Seconds per forward by tokens fed, linear between the sizes it holds.
 
-    The curve by tokens fed is measured after `context` cached tokens; each cached token
-    beyond them adds `per_context` = (a, b) seconds, a per forward and b per token fed
-    (attention reads every cached entry once per forward and scores it against every
-    query token). On this machine in bf16 each 1000 cached tokens add 2 ms to a one-token
-    forward of Qwen2.5-Coder-1.5B (184 ms) and 127 ms to a 64-token one (614 ms): a curve
-    measured after a short context alone undercharges the large trees of long prompts.
+    The curve holds every size up to the largest, each refined by real steps of that
+    size alone: matrix kernels work in blocks of rows, so a size between two timed ones
+    can cost more than both, and only its own steps show it. `confirmed`: the size's
+    time comes from a forward of exactly that size; the others lie on the line between
+    the confirmed ones around them.
 
-    The curve holds every size, each refined by the real steps of that size alone: in
-    fp32 on this machine's CPU, forwards of 3, 7 and 11 tokens cost 1.25-1.45 s and ones
-    of 4, 8 and 12 tokens 0.8-1.05 s (the matrix kernels work in blocks of rows), so a
-    curve interpolated between powers of two undercharged most trees by 30%, and real
-    steps of 11 tokens, refining the sizes 8 and 16 around them, made those look dear.
-    With the real sizes the cut goes to the cheap ones by itself: replaying a run's code
-    outputs with every step charged by a curve timed at every size, a cut deciding by that
-    curve got 3.08x plain decoding, one deciding by the interpolated curve 2.82x."""
+    A forward after more cached tokens than `context` costs `per_context` = (a, b) more
+    per cached token, a per forward and b per token fed (attention reads every cached
+    entry once per query): the benchmark prices forwards with it. The budget's cut does
+    not, and an engine's curve measures none.
+    """
 
     def __init__(self, sizes: list[int], seconds: list[float], smoothing: float = 0.2, context: int = 0,
-                 per_context: tuple[float, float] = (0.0, 0.0), confirmed: list[bool] | None = None,
-                 explore_every: int = 16):
+                 per_context: tuple[float, float] = (0.0, 0.0), confirmed: list[bool] | None = None):
         if len(sizes) != len(seconds) or not sizes or sorted(sizes) != sizes:
             raise ValueError("CostModel needs ascending sizes with one time each")
         if len(per_context) != 2 or min(per_context) < 0:
             raise ValueError(f"per_context must be two seconds per cached token >= 0, got {per_context}")
         if confirmed is not None and len(confirmed) != len(sizes):
             raise ValueError(f"confirmed needs one flag per size ({len(sizes)}), got {len(confirmed)}")
-        if explore_every < 1:
-            raise ValueError(f"explore_every must be >= 1, got {explore_every}")
         self.sizes, self.seconds, self.smoothing = list(sizes), list(seconds), smoothing
         self.context, self.per_context = context, tuple(per_context)
-        # confirmed: the size's time comes from a forward of exactly that size (timed, or a real
-        # step); the others are the line between the confirmed sizes around them
         self.confirmed = [True] * len(sizes) if confirmed is None else [bool(c) for c in confirmed]
-        self.explore_every, self.unexplored = explore_every, 0  # unexplored: cuts since the last exploration
 
     def __call__(self, tokens: int, context: int | None = None) -> float:
         """Seconds for a forward over `tokens` tokens after `context` cached tokens (None:
-        the measured context): linear between measured sizes, and in the context."""
+        the measured context); beyond the largest size, the last slope goes on."""
         s, t = self.sizes, self.seconds
         if tokens <= s[0]:
             base = t[0]
         else:
-            i = bisect.bisect_left(s, tokens)
-            if i == len(s):  # beyond the largest measured size: extend the last slope
-                i -= 1
-            lo, hi = i - 1, i
-            base = t[lo] + (t[hi] - t[lo]) / (s[hi] - s[lo]) * (tokens - s[lo])
+            hi = min(bisect.bisect_left(s, tokens), len(s) - 1)
+            base = t[hi - 1] + (t[hi] - t[hi - 1]) / (s[hi] - s[hi - 1]) * (tokens - s[hi - 1])
         if context is not None:
             a, b = self.per_context
             base += (context - self.context) * (a + b * tokens)
         return max(base, 1e-9)
 
-    def observe(self, tokens: int, seconds: float, context: int | None = None) -> None:
-        """Move the curve towards a real step's time: the measured size itself (curves of
-        `measure` hold every size), else the two around `tokens`, each by its share of the
-        interpolation (a least-squares step). With a curve timed at powers of two only,
-        refining just a size fed exactly let the sizes real steps hit often (1 and 2
-        tokens) take their real, longer times while the larger sizes kept their start-up
-        times (in bf16, 32 tokens at 1.8x one token against 2.2x timed best of five). The step's
-        `context` is priced by `per_context` first, so a long prompt's steps do not make
-        the short ones look slow. Beyond the largest measured size there is nothing to
-        refine.
-
-        The first real step of a size not confirmed yet confirms it, and takes its time
-        whole where it is faster than the line said: a size priced too dear is one the cut
-        avoids, so nothing else would ever bring it down. Where it is slower, it moves by
-        `smoothing` like any other (the cut keeps feeding a size that looks cheap, and the
-        steps that follow bring it up; one slow step must not make it dear for good). The
-        sizes still unconfirmed then follow the line between their confirmed neighbours."""
+    def observe(self, tokens: int, seconds: float) -> None:
+        """Move the curve towards a real step's time by `smoothing`: the size itself, or
+        the two around it, each by its share of the interpolation. The first step of an
+        unconfirmed size confirms it and, if faster than the line, takes its time whole: a
+        size priced too dear is one the cut avoids, so nothing else would bring it down.
+        Unconfirmed sizes then follow the line between their confirmed neighbours."""
         s = self.sizes
-        if tokens <= s[0]:
-            shares = [(0, 1.0)]
-        elif tokens > s[-1]:
+        if tokens > s[-1]:
             return
+        hi = bisect.bisect_left(s, tokens)
+        w = 1.0 if tokens <= s[0] else (tokens - s[hi - 1]) / (s[hi] - s[hi - 1])
+        error = seconds - self(tokens)
+        if s[hi] == tokens and not self.confirmed[hi]:
+            self.seconds[hi] += error if error < 0 else self.smoothing * error
+            self.confirmed[hi] = True
         else:
-            hi = bisect.bisect_left(s, tokens)
-            w = (tokens - s[hi - 1]) / (s[hi] - s[hi - 1])
-            shares = [(hi - 1, 1.0 - w), (hi, w)]
-        error = seconds - self(tokens, context)
-        exact = shares[-1][0] if s[shares[-1][0]] == tokens else None
-        if exact is not None and not self.confirmed[exact]:
-            self.seconds[exact] += error if error < 0 else self.smoothing * error
-            self.confirmed[exact] = True
-        else:
-            for i, share in shares:
-                self.seconds[i] += self.smoothing * share * error
-        if not all(self.confirmed):
-            self._fill()
-
-    def _is_confirmed(self, tokens: int) -> bool:
-        """Whether a forward of `tokens` tokens is priced by a confirmed size, or by none that
-        a step could confirm (beyond the curve, between the sizes of a sparse one)."""
-        i = bisect.bisect_left(self.sizes, tokens)
-        return i == len(self.sizes) or self.sizes[i] != tokens or self.confirmed[i]
-
-    def _fill(self) -> None:
-        """Put every unconfirmed size between two confirmed ones on the line between them."""
+            for i, share in ((hi - 1, 1.0 - w), (hi, w)):
+                if share > 0:
+                    self.seconds[i] += self.smoothing * share * error
         known = [i for i, c in enumerate(self.confirmed) if c]
         for lo, hi in zip(known, known[1:]):
             for i in range(lo + 1, hi):
-                w = (self.sizes[i] - self.sizes[lo]) / (self.sizes[hi] - self.sizes[lo])
+                w = (s[i] - s[lo]) / (s[hi] - s[lo])
                 self.seconds[i] = self.seconds[lo] + w * (self.seconds[hi] - self.seconds[lo])
-
-    def explore(self, fed: int, chosen: int, most: int) -> int:
-        """How many draft nodes a cut verifies: `chosen` (the best by the curve) out of
-        `most` available, `fed` tokens being fed besides; except that once every
-        `explore_every` cuts, if the chosen size is confirmed and a size the curve has not
-        confirmed lies within reach (fed .. fed + most), as many as make the forward that
-        size, the one nearest the chosen size (the smaller of two as near).
-
-        Real steps correct only the sizes the cut feeds, and the cut avoids the sizes
-        priced dear, so a size priced by a line drawn between two timed sizes (a cold start
-        times a few: `measure`) would never be tried where the line is wrong. Such a step
-        yields the same tokens as any other (verification keeps exactly what the model
-        computes, whatever is verified), and what it may cost is bounded: at most one cut
-        in `explore_every`, a size next to the best one among those not confirmed, and,
-        since a step of exactly that size confirms it (`observe`), at most one exploring
-        step per unconfirmed size over the curve's life (which goes on on disk:
-        budget_store); none once every size within reach is confirmed."""
-        self.unexplored += 1
-        target, best = fed + chosen, None
-        if self.unexplored < self.explore_every or not self._is_confirmed(target):
-            return chosen  # not yet, or an unconfirmed choice, which its own step confirms
-        for size, confirmed in zip(self.sizes, self.confirmed):
-            if not confirmed and fed <= size <= fed + most \
-                    and (best is None or abs(size - target) < abs(best - target)):
-                best = size
-        if best is None:
-            return chosen
-        self.unexplored = 0
-        return best - fed
 
     @classmethod
     def of(cls, model, config, max_tokens: int, saved: CostModel | None = None) -> CostModel:
-        """The model's cost curve, once per process: engines of one model share it (the
-        curve belongs to the model and the machine, and is refined by every engine). The
-        first engine takes the curve `saved` on disk (budget_store) if there is one, else
-        measures it. A curve belongs to the kernels the model ran on (kernels.current): a
-        model moved to others gets its own."""
+        """The model's cost curve, one per process, kernels (kernels.current) and size:
+        the curve belongs to the model and the machine, and every engine of the model
+        refines it. The first engine takes the curve `saved` on disk, else measures it."""
         curves = _MEASURED.setdefault(model, {})
         key = (max_tokens, current_kernels(model))
         if key not in curves:
@@ -189,24 +120,14 @@ class CostModel:
     @classmethod
     @torch.inference_mode()
     def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 1,
-                long_context: int = 1024, every: int = 2) -> CostModel:
-        """Time forwards of 1, 2, ... `every` tokens and then of doubling sizes up to
+                long_context: int = 0, every: int = 2) -> CostModel:
+        """Time forwards of 1, 2, ... `every` tokens, then of doubling sizes up to
         `max_tokens`, after `context` cached tokens, each the fastest of `repeats` passes
-        over all the sizes; and of 1 and `max_tokens` tokens after `long_context` (the
-        per-cached-token cost; none measured if `long_context` <= `context`). The curve
-        returned holds every size up to `max_tokens`, those timed marked confirmed and the
-        others on the line between them, for real steps to refine and confirm each on its
-        own (`observe`, `explore`).
-
-        The defaults are a cold start, for an engine with nothing saved: 1, 2, 4, 8, 16, 32
-        and 33 tokens, one pass, and the long-context pair, the fastest of two (13 forwards
-        with the warm-ups). Every size, twice, takes 39 s in fp32 on Qwen2.5-Coder-1.5B here
-        (12 s in bf16), and would at every start; the sizes between the timed ones are
-        confirmed by the real steps that feed them, the cut trying them now and then
-        (`explore`), and the curve is kept on disk (budget_store), so that the next start
-        times nothing. With `repeats` > 1 (the benchmark times every size three times),
-        each pass goes over all the sizes rather than timing one size back to back, so
-        that a burst of load inflates different sizes each time."""
+        over all the sizes (passes, so that a burst of load inflates different sizes each
+        time); and, if `long_context` > `context`, of 1 and `max_tokens` tokens after
+        `long_context` (`per_context`). The curve holds every size up to `max_tokens`: the
+        timed ones confirmed, the others on the line between them for real steps to
+        confirm. The defaults are an engine's cold start: a few forwards, not one per size."""
         sizes = list(range(1, min(every, max_tokens) + 1))
         while sizes[-1] < max_tokens:
             sizes.append(min(sizes[-1] * 2, max_tokens))
@@ -233,8 +154,7 @@ class CostModel:
         per_context = (0.0, 0.0)
         long_context = min(long_context, context_length(config) - max_tokens)  # positions the model has
         if long_context > context:
-            # the per-cached-token cost is the difference of two timings; the long one the fastest of two at
-            # least (real steps refine the curve, never this)
+            # the per-cached-token cost is the difference of two timings, the long one the fastest of two at least
             steady, ends = max(repeats, 2), (1, sizes[-1])
             _lengthen(cache, long_context)
             timed(1, long_context, 1)
@@ -251,7 +171,7 @@ class CostModel:
 def _lengthen(cache: DynamicCache, length: int) -> None:
     """Grow every layer's cached entries to `length` positions by repeating them: what a
     forward costs depends on how many entries it attends to, not on what they hold, and
-    a real prefill of 1024 tokens takes 25 s in fp32 here."""
+    a real prefill that long would take longer than the timing itself."""
     for layer in cache.layers:
         if layer.is_initialized and layer.keys.numel():
             # keys, values: [B, H, S, D] -> [B, H, length, D]
@@ -261,155 +181,83 @@ def _lengthen(cache: DynamicCache, length: int) -> None:
 
 
 class Calibration:
-    """Observed acceptance rate of draft nodes given their parent's, by the probability
-    the drafter gave the edge, by the node's depth and by the kind of score.
+    """Observed acceptance rate of draft nodes given their parent's, in cells by the
+    probability the drafter gave the edge (`bins`) and by the kind of score (tree.KINDS):
+    a trie's count ratio and a draft model's q mean different things, and each sorts
+    its edges even where it is not their rate.
 
-    Depth matters as much as the score: a trie edge out of the root continues a match of
-    a token or two and is often wrong, while one deep in an accepted path continues a
-    long copied span (on summaries, 1.0-scored edges were right 87% of the time overall
-    but far less at depth 1, and one rate for both tripled the expected tokens).
+    Each cell starts at its bin's middle, worth `prior` edges, and learns from every
+    proposed tree, the ones cut to nothing included (scored in the shadow, which costs
+    no forward), so a wrong start is corrected within a few steps. A cell remembers
+    about `memory` edges: past that, its counts shrink so that each new edge keeps its
+    weight, since one engine serves every kind of request and what pays changes with
+    them."""
 
-    The kind matters because the scores mean different things (tree.KINDS). A trie's
-    score is a count ratio (a path seen once scores 1.0), so its cells start cautious:
-    `prior` pseudo-observations at `trie_mean` (0.2), whatever the score, until trees
-    scored in the shadow (which costs no forward) show how nodes like it fare. Trie edges
-    out of the root, the most numerous, were right 13% of the time on the benchmark's
-    warm split (24% at depth 2, 68-77% deeper, where a copy is under way). A trusting
-    prior (the trie's 1.0) lost 10-15% in fp32 on workloads with nothing to copy; a
-    chain at 0.2 per edge is worth 0.25 tokens, which pays only where draft tokens are
-    nearly free: there (bf16 on an AVX512_BF16 CPU) a prior of nothing verified no draft
-    until evidence came, and on short answers that start was most of the answer (qa in
-    bf16: 0.85 of the best fixed size, modelled, and 0.92 with 0.2; in replays under an
-    fp32 curve nothing lost more than 0.05). Two pseudo-observations were the best of
-    1, 2 and 4 in replays of the benchmark's outputs (scripts/replay_budget.py), with the
-    earlier prior of nothing. Trie nodes drafted while a copy is going on (COPYING) have
-    cells of their own: out of a fresh match, many wrong siblings keep a depth-1 edge's
-    rate low, which then also cut the continuation of a copy that had just given 12 tokens.
-    A draft model's score is its probability q of the edge, already an estimate of
-    acceptance, and its forwards are spent before the cut: a pessimistic start threw its
-    trees away (the first ~10 steps of every MT-Bench answer verified nothing, while
-    transformers' assistant got 7.8 tokens per step from the same model). Its cells
-    start at q itself, `prior` pseudo-observations at the bin's middle.
-
-    Cells and scale forget (`memory`, `scale_memory`): one engine serves every kind of
-    request, and what pays changes with them (`observe`)."""
-
-    depths = (1, 2, 3, 5)  # a cell per depth class: 1, 2, 3-4, 5 and deeper
-
-    def __init__(self, bins: int = 10, prior: float = 2.0, trie_mean: float = 0.2, scale_prior: float = 4.0,
-                 memory: float | None = 16.0, scale_memory: float | None = 50.0):
+    def __init__(self, bins: int = 10, prior: float = 2.0, memory: float | None = 16.0):
         if memory is not None and memory < prior + 1:
             raise ValueError(f"memory must hold the prior and an observation (>= {prior + 1}), got {memory}")
-        self.bins, self.scale_prior = bins, scale_prior
-        self.memory, self.scale_memory = memory, scale_memory
-        per_kind = bins * len(self.depths)
-        self.drafted = [prior] * (len(KINDS) * per_kind)
-        self.accepted = [prior * ((c % bins + 0.5) / bins if c // per_kind == MODEL else trie_mean)
-                         for c in range(len(self.drafted))]
-        self.expected = self.realized = 0.0  # tokens of the trees as cut, expected and accepted
+        self.bins, self.memory = bins, memory
+        self.drafted = [prior] * (len(KINDS) * bins)
+        self.accepted = [prior * (c % bins + 0.5) / bins for c in range(len(self.drafted))]
 
-    def _cell(self, p: float, depth: int, kind: int = TRIE) -> int:
-        depth_class = bisect.bisect_right(self.depths, max(depth, 1)) - 1
-        return (kind * len(self.depths) + depth_class) * self.bins + min(int(max(p, 0.0) * self.bins), self.bins - 1)
+    def _cell(self, p: float, kind: int = TRIE) -> int:
+        return kind * self.bins + min(int(max(p, 0.0) * self.bins), self.bins - 1)
 
-    def rate(self, p: float, depth: int = 1, kind: int = TRIE) -> float:
-        c = self._cell(p, depth, kind)
+    def rate(self, p: float, kind: int = TRIE) -> float:
+        c = self._cell(p, kind)
         return self.accepted[c] / self.drafted[c]
 
-    def observe(self, p: float, accepted: bool, depth: int = 1, kind: int = TRIE) -> None:
-        """One edge seen, accepted or not. A cell remembers about `memory` edges: past
-        that, its counts shrink so that each new edge keeps its weight, since what pays
-        changes with the traffic. Trie drafts were right about half the time on questions
-        about a passage and rarely on open questions; in replays of the benchmark's
-        outputs with one calibration over every workload (as in a server), counts kept
-        without end went on verifying trees on the open questions that followed: 0.92x
-        plain decoding in fp32, against 1.00x with a memory of 16 edges."""
-        c = self._cell(p, depth, kind)
-        self.drafted[c] += 1
-        self.accepted[c] += accepted
-        self.drafted[c], self.accepted[c] = _remember(self.drafted[c], self.accepted[c], self.memory)
-
-    def tally(self, expected: float, realized: float) -> None:
-        """A verified tree: `expected` tokens by the rates, `realized` accepted (the scale).
-        The scale remembers about `scale_memory` expected tokens, for the same reason."""
-        self.expected, self.realized = _remember(self.expected + expected, self.realized + realized,
-                                                 self.scale_memory)
+    def observe(self, p: float, accepted: bool, kind: int = TRIE) -> None:
+        """One edge seen, accepted or not."""
+        c = self._cell(p, kind)
+        drafted, accepted = self.drafted[c] + 1, self.accepted[c] + accepted
+        keep = 1.0 if self.memory is None or drafted <= self.memory else self.memory / drafted
+        self.drafted[c], self.accepted[c] = drafted * keep, accepted * keep
 
     def node_rate(self, tree: TokenTree, node: int) -> float:
-        return self.rate(edge_score(tree, node), tree.depths[node], _kind(tree, node))
+        kind = TRIE if tree.kinds is None else tree.kinds[node]
+        return self.rate(edge_score(tree, node), kind)
+
+    def reach(self, tree: TokenTree) -> list[float]:
+        """Each node's chance of being accepted: a node is accepted only if its parent
+        is, so it is the product of the calibrated rates of its path's edges."""
+        reach: list[float] = []
+        for node, parent in enumerate(tree.parents):
+            reach.append((reach[parent] if parent >= 0 else 1.0) * self.node_rate(tree, node))
+        return reach
 
     def state(self) -> np.ndarray:
-        """Everything learned, flat (saved with the trie, so a restart keeps it)."""
-        return np.array([*self.drafted, *self.accepted, self.expected, self.realized], dtype=np.float64)
+        """Everything learned, flat (saved with the trie and the budget, so a restart keeps it)."""
+        return np.array([*self.drafted, *self.accepted], dtype=np.float64)
 
     def restore(self, state: np.ndarray) -> None:
-        """Take back a `state()`; ValueError if it is not one of this calibration's shape.
-        A state saved before the kinds other than TRIE existed restores the TRIE cells."""
+        """Take back a `state()`; ValueError if it is not one of this calibration's shape."""
         cells = len(self.drafted)
         state = np.asarray(state, dtype=np.float64)
-        trie = cells // len(KINDS)
-        if state.shape == (2 * trie + 2,):
-            state = np.concatenate([state[:trie], self.drafted[trie:], state[trie : 2 * trie],
-                                    self.accepted[trie:], state[-2:]])
-        if state.shape != (2 * cells + 2,) or not np.isfinite(state).all() or (state < 0).any() \
-                or (state[cells : 2 * cells] > state[:cells]).any():
+        if state.shape != (2 * cells,) or not np.isfinite(state).all() or (state < 0).any() \
+                or (state[cells:] > state[:cells]).any():
             raise ValueError(f"not a calibration of {cells} cells")
-        self.drafted, self.accepted = state[:cells].tolist(), state[cells : 2 * cells].tolist()
-        self.expected, self.realized = float(state[-2]), float(state[-1])
-
-    @property
-    def scale(self) -> float:
-        """Accepted over expected tokens of the trees as cut: the per-edge rates multiply
-        as if edges were independent, and siblings from several matches compete; this
-        corrects what remains. It starts at 1 with `scale_prior` expected tokens all
-        accepted: with one, the first verified tree that failed (2 tokens expected, none
-        accepted) cut every estimate to a third, and where a second token doubles the
-        forward (fp32 here) nothing paid again before a short answer ended (qa in fp32:
-        nothing verified, 0.74-0.82 of the best fixed size; 0.875 with four, in replays
-        of that run, which left bf16 within 0.03 and raised the worst replayed ratio
-        over four other output sets and curves from 0.952 to 0.955)."""
-        return (self.realized + self.scale_prior) / (self.expected + self.scale_prior)
-
-    def learn(self, tree: TokenTree, realized: list[int], size: int = 0, expected: float = 0.0) -> None:
-        """Score a proposed tree (verified or not) against the tokens generated after it;
-        `size` nodes of it were to be verified, worth `expected` tokens by the rates."""
-        Watched(0, tree, size, expected).update(self, realized, finished=True)
-
-
-def _remember(total: float, part: float, memory: float | None) -> tuple[float, float]:
-    """A count and the part of it that succeeded, shrunk alike to at most `memory`: older
-    evidence weighs less, and the ratio stays."""
-    if memory is None or total <= memory:
-        return total, part
-    keep = memory / total
-    return memory, part * keep
+        self.drafted, self.accepted = state[:cells].tolist(), state[cells:].tolist()
 
 
 class Watched:
     """A proposed tree (verified or cut) that the calibration learns from edge by edge,
-    as the generated tokens decide them. A depth-1 edge is decided by the next token, so
-    the evidence of a cold start comes within a step, not once the tree's whole depth has
-    been generated (12 steps for a 12-deep branch that was cut to nothing: on code, a
-    third of a 96-token answer went by undrafted)."""
+    as the generated tokens decide them: a depth-1 edge is decided by the next token, so
+    a cold start learns within a step, not once the tree's whole depth is generated."""
 
-    def __init__(self, start: int, tree: TokenTree, size: int = 0, expected: float = 0.0):
+    def __init__(self, start: int, tree: TokenTree):
         self.start, self.tree = start, tree  # start: where the tree's root token sits in the sequence
-        self.size, self.expected = size, expected  # nodes verified, and the tokens they were worth
         self.learned: set[int] = set()
 
     def update(self, calibration: Calibration, seq: list[int], finished: bool = False) -> bool:
         """Teach `calibration` the edges that `seq` newly decides; True once the tree is
         decided (or the generation `finished`) and it can be dropped."""
-        realized = seq[self.start :]
-        tree = self.tree
+        realized, tree = seq[self.start :], self.tree
         for node, accepted in edges(tree, realized):
             if node not in self.learned:
                 self.learned.add(node)
-                calibration.observe(edge_score(tree, node), accepted, tree.depths[node], _kind(tree, node))
-        done = finished or len(realized) >= tree.depth
-        if done and self.size:
-            calibration.tally(self.expected, sum(ok for node, ok in label(tree, realized) if node < self.size))
-        return done
+                calibration.observe(edge_score(tree, node), accepted, TRIE if tree.kinds is None else tree.kinds[node])
+        return finished or len(realized) >= tree.depth
 
 
 def edge_score(tree: TokenTree, node: int) -> float:
@@ -420,37 +268,26 @@ def edge_score(tree: TokenTree, node: int) -> float:
     return min(tree.scores[node] / above, 1.0) if above > 0 else 0.0
 
 
-def _kind(tree: TokenTree, node: int) -> int:
-    return TRIE if tree.kinds is None else tree.kinds[node]
-
-
-def best_size(tree: TokenTree, pending: int, cost: CostModel, calibration: Calibration,
-              context: int | None = None) -> int:
+def best_size(tree: TokenTree, pending: int, cost: CostModel, calibration: Calibration) -> int:
     """How many of the tree's first nodes maximise expected tokens per second, `pending`
-    tokens being fed anyway. A node is accepted only if its parent is, so its chance is
-    the product of the calibrated rates of the edges on its path: a chain the drafter is
-    sure of at every edge (a trie path seen once) is worth 1 + r + r^2 + ..., not r per
-    node. Drafters list nodes likeliest first, so the first m nodes are the best m (and
-    a tree: parents come before children)."""
-    return best_sizes([tree], pending, cost, calibration, context=context)[0]
+    tokens being fed anyway (`best_sizes` for one row)."""
+    return best_sizes([tree], pending, cost, calibration)[0]
 
 
 def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: Calibration,
-               others: int = 0, context: int | None = None) -> list[int]:
+               others: int = 0) -> list[int]:
     """For a batch sharing one forward: how many of each tree's first nodes to verify so
     that the forward yields the most expected tokens per second, `fed` tokens (every
     row's pending tokens, and any tree that is not cut) being fed anyway, and `others`
-    rows without a tree to cut yielding their one token too, after `context` cached
-    tokens (the batch's cache width).
+    rows without a tree to cut yielding their one token too.
 
     Nodes are added one at a time, the likeliest next node of any row first, and the
-    best prefix of that order is kept: under load (many rows already feeding many
-    tokens into a compute-bound forward) only near-certain drafts still pay. For one row
-    this is the tree's own order. Once in a while the prefix kept is another, one that
-    feeds a size the cost curve has not confirmed (`CostModel.explore`)."""
-    reach = [_reach(tree, calibration) for tree in trees]
+    best prefix of that order is kept: under load (many rows already feeding a
+    compute-bound forward) only near-certain drafts still pay. Drafters list nodes
+    likeliest first, parents before children, so for one row this is the tree's order."""
+    reach = [calibration.reach(tree) for tree in trees]
     gain, tokens = float(len(trees) + others), fed  # every row yields at least its bonus token
-    best_rate, best_steps = gain / cost(tokens, context), 0
+    best_rate, best_steps = gain / cost(tokens), 0
     order: list[int] = []  # the row of each added node
     taken = [0] * len(trees)
     heap = [(-r[0], b) for b, r in enumerate(reach) if r]
@@ -462,47 +299,13 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
         if taken[b] < len(reach[b]):
             heapq.heappush(heap, (-reach[b][taken[b]], b))
         gain, tokens = gain - neg, tokens + 1
-        rate = gain / cost(tokens, context)
+        rate = gain / cost(tokens)
         if rate > best_rate:
             best_rate, best_steps = rate, len(order)
-    best_steps = cost.explore(fed, best_steps, len(order))
     sizes = [0] * len(trees)
     for b in order[:best_steps]:
         sizes[b] += 1
     return sizes
-
-
-def expected_tokens(tree: TokenTree, size: int, calibration: Calibration) -> float:
-    """Accepted tokens the first `size` nodes are worth by the per-edge rates alone."""
-    return sum(_reach(tree, calibration, scaled=False)[:size])
-
-
-def _reach(tree: TokenTree, calibration: Calibration, scaled: bool = True) -> list[float]:
-    """Each node's chance of being accepted: the calibrated rates of its path's edges,
-    multiplied (and corrected by the calibration's scale)."""
-    reach: list[float] = []
-    for node, parent in enumerate(tree.parents):
-        reach.append((reach[parent] if parent >= 0 else 1.0) * calibration.node_rate(tree, node))
-    scale = calibration.scale if scaled else 1.0
-    return _exclusive(tree, [min(r * scale, 1.0) for r in reach])
-
-
-def _exclusive(tree: TokenTree, reach: list[float]) -> list[float]:
-    """Siblings are different tokens at one position, so at most one of them is accepted:
-    their chances add up to at most their parent's. Where the estimates add up to more,
-    the siblings listed first (drafters list the likeliest first) keep theirs and the
-    later ones get what is left, their subtrees scaled alike. Without this, a scale
-    above 1 (copies longer than the rates expect) gave two equally scored branches a
-    chance near 1 each: in bf16 on code, 24 nodes verified on steps where the first
-    branch's 12 were accepted and the fixed 16-node size verified 12-16."""
-    fitted = list(reach)
-    for parent, kids in tree.children.items():  # parents come before their children
-        above = 1.0 if parent < 0 else fitted[parent]
-        shrink = 1.0 if parent < 0 or reach[parent] <= 0 else fitted[parent] / reach[parent]
-        for kid in kids:
-            fitted[kid] = min(reach[kid] * shrink, above)
-            above -= fitted[kid]
-    return fitted
 
 
 def label(tree: TokenTree, realized: list[int]) -> list[tuple[int, bool]]:
@@ -580,21 +383,13 @@ class Gate:
         """Whether a step whose cheap drafters (the trie) alone are worth `cheap_tokens`
         (bonus included) should leave the draft models out. With them, a step yielded
         `tokens` on average and took `drafting` seconds more; without, it takes about a
-        token's forward t. They pay when tokens / (t + drafting) > cheap_tokens / t, so
-        they are left out unless tokens > cheap_tokens * (1 + drafting / t): a trie that
-        already offers 4 tokens leaves little for a draft model's 8 forwards to add (on an
-        MT-Bench second turn that the trie copies, the hybrid ran the draft model at every
-        step and took 12.4 s against the pure trie's 8.6 s). Never
+        token's forward t. They pay when tokens / (t + drafting) > cheap_tokens / t: a
+        trie that already copies leaves little for a draft model's forwards to add. Never
         before a drafted step, nor after `longest` steps without one: the averages come
         only from steps that ran them, and a bad start must not keep them out for good."""
         if self.seen == 0 or self.since >= self.longest:
             return False
         return self.tokens <= cheap_tokens * (1 + self.drafting / self.cost(1))
-
-
-def worth(tree: TokenTree, calibration: Calibration) -> float:
-    """Expected accepted tokens of the whole tree, by the calibrated (and scaled) rates."""
-    return sum(_reach(tree, calibration))
 
 
 class Budget:
@@ -617,17 +412,17 @@ class Budget:
             return None
         if not gate.wanted():
             return lambda cheap: False
-        return lambda cheap: not gate.enough(1 + worth(cheap, self.calibration))
+        return lambda cheap: not gate.enough(1 + sum(self.calibration.reach(cheap)))
 
-    def plan(self, trees: list[TokenTree], fed: int, others: int = 0, context: int | None = None) -> list[int]:
+    def plan(self, trees: list[TokenTree], fed: int, others: int = 0) -> list[int]:
         """How many of each tree's first nodes to verify in one forward (`best_sizes`)."""
-        return best_sizes(trees, fed, self.cost, self.calibration, others=others, context=context)
+        return best_sizes(trees, fed, self.cost, self.calibration, others=others)
 
-    def observe(self, fed: int, seconds: float, context: int, drafted: tuple[int, int, float, int] | None) -> None:
-        """A step fed `fed` tokens in `seconds` after `context` cached ones; `drafted`:
-        (tokens yielded, pending tokens fed, drafting seconds, rows) when every row's
-        costly drafters ran, for the gate (None otherwise)."""
-        self.cost.observe(fed, seconds, context)
+    def observe(self, fed: int, seconds: float, drafted: tuple[int, int, float, int] | None) -> None:
+        """A step fed `fed` tokens in `seconds`; `drafted`: (tokens yielded, pending tokens
+        fed, drafting seconds, rows) when every row's costly drafters ran, for the gate
+        (None otherwise)."""
+        self.cost.observe(fed, seconds)
         if self.gate is not None and drafted is not None:
             tokens, pending, draft_seconds, rows = drafted
             self.gate.observe(tokens, pending, draft_seconds, seconds, rows)

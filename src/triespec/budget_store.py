@@ -46,7 +46,7 @@ from .loading import cache_dir
 from .persist import fingerprint as vocabulary_fingerprint
 
 MAGIC = "triespec-budget"
-VERSION = 1
+VERSION = 2  # 2: the calibration has one cell per score bin and kind (no depth classes, no scale)
 
 
 def default_directory() -> Path:

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Budget, CostModel, Watched, expected_tokens
+from .budget import Budget, CostModel, Watched
 from .budget_store import BudgetStore, KernelStore, directory
 from .drafters import Drafter, NoDraft, TrieDrafter, build, check_drafter
 from .kernels import check as check_kernels, use as use_kernels
@@ -300,7 +300,7 @@ class BatchRow:
                                          None if allow_costly is None else allow)
         self.drafted = engine.drafter.costly and (allow_costly is None or any(ran))
         if self.cuttable:
-            self.watch.append(Watched(len(self.seq), self.tree))  # the cut fills in size and expected tokens
+            self.watch.append(Watched(len(self.seq), self.tree))
         self.step_draft = time.perf_counter() - t0
         self.stats.draft_time += self.step_draft
 
@@ -310,8 +310,6 @@ class BatchRow:
         return self.engine.budget is not None and self.tree.scores is not None and len(self.tree) > 0
 
     def cut(self, size: int) -> None:
-        watched = self.watch[-1]
-        watched.size, watched.expected = size, expected_tokens(self.tree, size, self.engine.budget.calibration)
         cut = self.tree.prefix(max_nodes=size)
         if cut.draft_probs is not None:
             # The cut looked at the scores of the drawn tokens, so whatever it kept (the whole
@@ -451,7 +449,7 @@ class Batch:
         if all(row.drafted for row in active):
             drafted = (sum(len(v.tokens) for v in verdicts), sum(len(r.pending) for r in active),
                        sum(r.step_draft for r in active), len(active))
-        self.engine.budget.observe(sum(len(r.pending) + len(r.tree) for r in active), seconds, self.width, drafted)
+        self.engine.budget.observe(sum(len(r.pending) + len(r.tree) for r in active), seconds, drafted)
 
     def _commit(self, verdicts: list[Verdict], starts: list[int]) -> None:
         """Keep each row's pending tokens and accepted nodes in the cache, drop the rest."""
@@ -471,8 +469,7 @@ class Batch:
         if not rows:
             return
         fed = sum(len(r.pending) + (0 if r in rows else len(r.tree)) for r in self.active)
-        sizes = engine.budget.plan([row.tree for row in rows], fed, others=len(self.active) - len(rows),
-                                   context=self.width)
+        sizes = engine.budget.plan([row.tree for row in rows], fed, others=len(self.active) - len(rows))
         for row, size in zip(rows, sizes):
             row.cut(size)
         spent = (time.perf_counter() - t0) / len(rows)

@@ -15,11 +15,10 @@ from functools import cached_property
 import torch
 
 
-# Kinds of node scores. TRIE: a trie's count ratio out of a fresh match of a token or
-# two. COPYING: the same, while the trie's last drafts were right (a copy is going on).
-# MODEL: a draft model's probability of the node's path (the product of q along it).
-TRIE, COPYING, MODEL = 0, 1, 2
-KINDS = (TRIE, COPYING, MODEL)
+# Kinds of node scores. TRIE: a count ratio (a trie's, or another drafter's that is not a
+# probability). MODEL: a draft model's probability of the node's path (the product of q).
+TRIE, MODEL = 0, 1
+KINDS = (TRIE, MODEL)
 
 
 @dataclass(frozen=True)
@@ -32,10 +31,9 @@ class TokenTree:
     # [n, V]: the distribution q each node's token was drawn from (a small model's draft);
     # None for drafters without probabilities (the trie), whose choices count as one-hot.
     draft_probs: torch.Tensor | None = field(default=None, compare=False)
-    # What each node's score is (TRIE, COPYING or MODEL; None: all TRIE). The adaptive
-    # budget calibrates each kind apart: a trie's count ratio and a draft model's q mean
-    # different things, and a trie continuation in the middle of a copy is far likelier
-    # than the same score out of a fresh two-token match.
+    # What each node's score is (TRIE or MODEL; None: all TRIE). The adaptive budget
+    # calibrates each kind apart: a trie's count ratio and a draft model's q mean
+    # different things.
     kinds: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self):

@@ -32,13 +32,10 @@ import heapq
 import itertools
 from typing import Iterator, Sequence
 
-from ..tree import COPYING, TokenTree
+from ..tree import TokenTree
 from .base import Drafter, DraftSession
 
 MODES = ("hierarchical", "parallel", "single")
-# A proposal is of the COPYING kind once this many tokens in a row were on the last
-# proposals' paths: the adaptive budget then calibrates its nodes apart (budget.py).
-COPY_RUN = 2
 
 
 class Node:
@@ -258,12 +255,9 @@ class TrieSession(DraftSession):
         self.context_stream.feed(prompt_ids)
         self.memory_stream: NgramStream | None = None  # opened with the first output token
         self.recent = list(prompt_ids[-drafter.match_length :])
-        self.last: TokenTree | None = None  # the last proposal, cut or not
-        self.run = 0  # generated tokens in a row that the proposals had right
 
     def learn(self, new_ids: Sequence[int]) -> None:
         d = self.drafter
-        self._follow(new_ids)
         if self.memory_stream is None:
             # The answer's n-grams go to memory together with the prompt tokens just before
             # it, so that the same prompt tail finds this answer next time.
@@ -276,35 +270,15 @@ class TrieSession(DraftSession):
     def end(self) -> None:
         self.context = self.context_stream = self.memory_stream = None
 
-    def _follow(self, new_ids: Sequence[int]) -> None:
-        """Extend or end the run of tokens the last proposal had right (judged on the whole
-        proposal, verified or not: a tree cut to nothing still shows whether a copy goes on).
-        A branch that simply ended is no miss."""
-        node, tree = -1, self.last
-        for token in new_ids:
-            children = tree.children[node] if tree is not None else []
-            node = next((c for c in children if tree.tokens[c] == token), None)
-            if node is None:
-                if children:
-                    self.run = 0
-                return
-            self.run += 1
-
     def propose(self, max_nodes: int, max_depth: int, allow_costly=None) -> TokenTree:
         d = self.drafter
-        self.last = None
         budget, depth_cap = min(max_nodes, d.decoding_length), min(max_depth, d.branch_length)
         if budget < 1 or depth_cap < 1:
             return TokenTree()
         if d.mode == "single":
-            self.last = self._single(budget, depth_cap)
-            return self.last
+            return self._single(budget, depth_cap)
         tree = self._best_first(budget, depth_cap)
-        tree = tree if d.mode == "hierarchical" else _as_branches(tree, budget)
-        self.last = tree
-        if self.run >= COPY_RUN:
-            tree = TokenTree(tree.tokens, tree.parents, tree.scores, kinds=(COPYING,) * len(tree))
-        return tree
+        return tree if d.mode == "hierarchical" else _as_branches(tree, budget)
 
     def _matches(self) -> Iterator[list[tuple[Node, float]]]:
         """For each suffix of the context, longest first: the trie nodes it reaches, each with
