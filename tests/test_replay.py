@@ -79,6 +79,16 @@ def test_charged_seconds_are_the_curve_at_each_step(recorded, adaptive):
     assert max(result.tokens_per_step) > 1  # the steps differ from plain decoding's
 
 
+def test_the_engine_refines_its_own_copy_of_the_charge(recorded):
+    """Without a `cost`, the budget decides by the charge's curve but refines a copy: the
+    prices of the replay (and of the next replay given the same charge) do not move."""
+    charge = CostModel([1, 2, 4, 8, 16], [1.0, 1.5, 1.7, 2.5, 4.0], context=10, per_context=(0.01, 0.002))
+    before = list(charge.seconds)
+    first = replay(recorded, charge, decoding_length=8)
+    assert charge.seconds == before
+    assert replay(recorded, charge, decoding_length=8).speedup == pytest.approx(first.speedup)
+
+
 def test_the_oracle_checks_that_the_cache_keeps_the_accepted_path(recorded, monkeypatch):
     """Trees with a wrong sibling before every right token: accepted nodes are never the
     first ones, so a commit that kept the first entries would keep wrong tokens."""

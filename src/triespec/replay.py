@@ -12,6 +12,8 @@ budgets are compared this way on a benchmark's outputs in minutes rather than ho
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -134,13 +136,14 @@ def stand_in(vocab_size: int, context_length: int) -> LlamaForCausalLM:
 class ReplayEngine(Engine):
     """An Engine whose forward is an `Oracle`: the product's decode step over recorded
     outputs. `cost`, the curve the adaptive budget decides by (and refines by the seconds
-    each forward is charged), defaults to the oracle's `charge`; the other settings are
+    each forward is charged), defaults to a copy of the oracle's `charge` (refining the
+    charge itself would move the prices of the replay as it goes); the other settings are
     Engine's (`adaptive`, `drafter`, or TrieDrafter settings)."""
 
     def __init__(self, oracle: Oracle, adaptive: bool = True, cost: CostModel | None = None, **settings):
         settings.setdefault("kernels", "torch")  # the stand-in model never runs: nothing to choose
         super().__init__(stand_in(oracle.vocab_size, oracle.context_length), adaptive=adaptive,
-                         cost=cost if cost is not None else oracle.charge, **settings)
+                         cost=cost if cost is not None else copy.deepcopy(oracle.charge), **settings)
         self.oracle = oracle
 
     def forward(self, rows: list[Row], width: int, cache: DynamicCache) -> tuple[list[torch.Tensor], list[int], float]:
