@@ -6,7 +6,7 @@ save it to the `--trie` file.
 
 The answers are text a server might produce: the Python standard library's sources
 (code and docstrings) cut into answers of `--answer-tokens` tokens by SmolLM2's
-tokenizer, pushed `--batch` answers at a time, as a replica pushes what it finished in
+tokenizer, learned as n-grams of `serve`'s default branch length, pushed `--batch` answers at a time, as a replica pushes what it finished in
 one sync interval. Prints a table and JSON.
 
     python scripts/memory_load.py --max-nodes 500000
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from triespec.cli import BRANCH_LENGTH
 from triespec.persist import unflatten, write_arrays
 from triespec.scale import SharedMemory
 
@@ -62,6 +63,8 @@ def ms(f, repeat: int = 3):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-nodes", type=int, default=500_000, help="the memory's bound (serve's default)")
+    parser.add_argument("--branch-length", type=int, default=BRANCH_LENGTH,
+                        help="the n-grams' length, as `serve --branch-length` (its default)")
     parser.add_argument("--answer-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4, help="answers per push")
     parser.add_argument("--tokens", type=int, default=150_000, help="tokens of text to push in all")
@@ -70,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pool = answers(args.answer_tokens, args.tokens)
-    memory = SharedMemory(max_nodes=args.max_nodes)
+    memory = SharedMemory(max_nodes=args.max_nodes, branch_length=args.branch_length)
     checkpoints = sorted(int(n) for n in args.at.split(",") if int(n) < args.max_nodes)
     folder = tempfile.mkdtemp(prefix="memory-load-")
     pushes, snapshots = [], []
@@ -116,7 +119,8 @@ def main() -> None:
     for s in snapshots:
         print(f"| {s['nodes']:,} | {s['snapshot_bytes']:,} | {s['make_ms']} | {s['load_ms']} | {s['save_ms']} | "
               f"{s['file_bytes']:,} | {s['trie_mb']} |")
-    print(json.dumps({"max_nodes": args.max_nodes, "push": per_push, "snapshots": snapshots}, indent=1))
+    print(json.dumps({"max_nodes": args.max_nodes, "branch_length": args.branch_length, "push": per_push,
+                      "snapshots": snapshots}, indent=1))
 
 
 if __name__ == "__main__":
