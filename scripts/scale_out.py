@@ -1,16 +1,18 @@
 """What sharing the memory gives across replicas: `triespec serve --replicas 2`, shared
 and not shared.
 
-Starts the command twice on this machine (a local Ray; 0.5 CPU per replica by default),
-the second time with a sync interval longer than the run, so the replicas never share.
-Each run asks every question on replica A (routed there by the `x-triespec-affinity`
-header), waits two sync intervals, then asks on replica B the same questions
-(*repeated*) and the same questions after another system prompt (*similar*: a new
-prompt, the answer A gave nearly). Tokens per forward = completion_tokens /
-usage.forward_steps, summed over the questions. Prints a table and JSON with the shared
-memory's size and snapshot bytes.
+Starts the command twice (a local Ray each time, or a running cluster's with
+`-- --ray-address ADDR`; 0.5 CPU per replica by default), the second time with a sync
+interval longer than the run, so the replicas never share. Each run asks all 8 questions
+on replica A (routed there by the `x-triespec-affinity` header), waits two sync
+intervals, then asks on replica B the first 4 again (*repeated*) and the other 4 after
+another system prompt (*similar*: a new prompt, perhaps nearly the answer A gave).
+Tokens per forward = completion_tokens / usage.forward_steps, summed over the questions.
+Prints a table and JSON with the per-question counts and the shared memory's size and
+snapshot bytes.
 
-    python scripts/scale_out.py --tokens 64
+    python scripts/scale_out.py
+    python scripts/scale_out.py --port 44515 -- --ray-address 127.0.0.1:6379 --no-adaptive
 """
 
 from __future__ import annotations
