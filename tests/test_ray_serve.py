@@ -2,6 +2,7 @@
 --replicas 2` as a user starts it (a local Ray of this machine's 2 CPUs, 0.5 CPU per
 replica), driven by the official `openai` client on 127.0.0.1, with replicas killed."""
 
+import asyncio
 import json
 import os
 import signal
@@ -10,15 +11,19 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
-from triespec import Engine, NoDraft
+from triespec import Engine, NoDraft, scale
+from triespec.budget import Budget, Calibration, CostModel
+from triespec.drafters import TrieDrafter
 from triespec.persist import unflatten
-from triespec.scale import AFFINITY_CHARS, ScaleConfig, SharedMemory, affinity_key, rendezvous
+from triespec.scale import AFFINITY_CHARS, Forwarded, PrefixAffinityRouter, ScaleConfig, SharedMemory, affinity_key, \
+    rendezvous
 
 NAME = "smollm2"
 FP = "vocab=49152:sha256=test"
@@ -84,6 +89,72 @@ def test_affinity_key_and_rendezvous():
     for key, r in owner.items():
         if r != "r3":
             assert min(replicas[:3], key=lambda x: rendezvous(key, x)) == r
+
+
+def replica_shell(max_nodes=10_000):
+    """scale.Engine's side of a sync (`_take` before a push, `_install` after a pull) without
+    Ray or a model: an engine reduced to an adaptive budget and a trie drafter."""
+    shell = object.__new__(scale.Engine)
+    shell.engine = types.SimpleNamespace(budget=Budget(CostModel([1, 16], [0.01, 0.02])))
+    shell.drafter = TrieDrafter(max_nodes=max_nodes)
+    shell.pending = []
+    return shell
+
+
+def test_a_replicas_answers_and_calibration_reach_another_through_the_shared_memory():
+    a, b, memory = replica_shell(), replica_shell(), SharedMemory(max_nodes=10_000)
+    calibration = a.engine.budget.calibration
+    for depth in (1, 1, 2, 3, 5, 5):  # replica A learned that its deep trie edges are right
+        calibration.observe(1.0, True, depth)
+    answer = list(range(100, 140))
+    a.pending.append(([1, 2], answer))
+    batch, state = a._take()
+    assert a.pending == [] and batch == [([1, 2], answer)]
+    memory.push("a", FP, batch, state)
+    b.pending.append(([7, 8], [300, 301, 302, 303]))  # B's own answer, finished after its last push
+    version, arrays, shared = memory.snapshot()
+    b._install(unflatten(arrays, 10_000), shared)
+    assert b.engine.budget.calibration.state().tolist() == calibration.state().tolist() != Calibration().state().tolist()
+    assert b.drafter.memory.find(answer[:3]) is not None  # A's answer, drafted on B
+    assert b.drafter.memory.find([300, 301, 302]) is not None  # and B's unsent one is kept
+    # a calibration of another shape (another release's) is left out with a warning, not installed
+    b._install(unflatten(arrays, 10_000), np.ones(5))
+    assert b.engine.budget.calibration.state().tolist() == calibration.state().tolist()
+
+
+def fake_router(replicas=3, imbalance=4, patience=2):
+    """PrefixAffinityRouter's choice, without Ray: replicas are their ids, queue lengths set by hand."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
+
+    deployment = DeploymentID(name="Engine", app_name="test")
+    router = PrefixAffinityRouter(deployment, DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(imbalance=imbalance, patience=patience)
+    return router, [types.SimpleNamespace(replica_id=ReplicaID(f"r{i}", deployment)) for i in range(replicas)]
+
+
+def test_affinity_router_keeps_a_prefix_on_its_replica_until_its_queue_is_too_long():
+    router, candidates = fake_router()
+    key = "system:You answer questions about the attached report."
+    owner, *others = sorted(candidates, key=lambda r: rendezvous(key, r.replica_id.unique_id))
+
+    def choose(request_id, key=key, queues=(0, 0, 0)):
+        for replica, n in zip([owner, *others], queues):  # the owner's queue first
+            router.replica_queue_len_cache.update(replica.replica_id, n)
+        request = types.SimpleNamespace(args=(Forwarded("POST", "/v1/chat/completions", b"", [], b"{}", key),),
+                                        metadata=types.SimpleNamespace(internal_request_id=request_id))
+        return asyncio.run(router.choose_replicas(candidates, request))
+
+    assert choose("q1") == [[owner]]  # idle: the prefix's replica alone
+    assert choose("q2", queues=(5, 1, 2)) == [[owner]]  # 4 more than the least busy: still its own
+    assert choose("q3", queues=(6, 1, 2)) == [[others[0], others[1], owner]]  # 5 more: balanced, least busy first
+    assert choose("q4", queues=(6, 2, 1)) == [[others[1], others[0], owner]]
+    # a request its replica did not take in `patience` rounds may go elsewhere, its replica still first
+    assert choose("q5") == choose("q5") == [[owner]]
+    assert choose("q5") == [[owner], others]
+    assert choose("q6", key="", queues=(3, 0, 1)) == [[others[0], others[1]], [owner]]  # no key: by load
+    router.on_request_routed(types.SimpleNamespace(metadata=types.SimpleNamespace(internal_request_id="q5")),
+                             owner.replica_id, None)
+    assert "q5" not in router.rounds
 
 
 def test_scale_config_refuses_bad_values():
