@@ -139,3 +139,24 @@ def test_ablate_budget(tmp_path):
     assert figures["steep"]["shipped"]["fresh"] == pytest.approx(1.0, abs=0.05)
     rows = [line for line in out.splitlines() if line.startswith("| prior 2 -> 0.01 |")]
     assert len(rows) == 2 and all(re.search(r"\((costs|helps|within noise)\) \|$", row) for row in rows)
+
+
+def test_memory_load_stays_within_its_bound_and_measures_each_size():
+    out = run_script("memory_load.py", "--max-nodes", "5000", "--tokens", "4000", "--at", "1000,3000")
+    figures = json.loads(out[out.index("{"):])
+    assert figures["max_nodes"] == 5000 and figures["push"]["pushes"] > 1
+    assert figures["push"]["bytes_per_token"] > 0 and figures["push"]["learn_us_per_token"] > 0
+    sizes = [s["nodes"] for s in figures["snapshots"]]
+    assert len(sizes) >= 2 and max(sizes) <= 5000  # pruned back under the bound
+    # a snapshot is the arrays persist writes: 12 bytes per node
+    assert all(s["snapshot_bytes"] == 12 * s["nodes"] for s in figures["snapshots"])
+
+
+@pytest.mark.slow
+def test_forward_kernels_times_both_kernels_and_checks_their_output():
+    out = run_script("forward_kernels.py", "--repeats", "1", "--new-tokens", "2", timeout=300)
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in out.splitlines()
+            if re.match(r"\| (torch|packed) \| (wall|cpu) \|", line)}
+    assert set(rows) == {(k, c) for k in ("torch", "packed") for c in ("wall", "cpu")}
+    # fp32 kernels sum in other orders: two logits within rounding may pick another token
+    assert re.search(r"greedy output of model.generate identical on both kernels \(2 tokens\): (True|False)", out)
