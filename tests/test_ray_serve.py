@@ -54,6 +54,30 @@ def test_shared_memory_merges_stays_bounded_and_snapshots_round_trip():
     assert stats["nodes"] == len(copy) and stats["answers"] == 200 and stats["snapshot_bytes"] == 12 * len(copy)
 
 
+def test_many_replicas_pushing_make_one_snapshot_per_rebuild_interval(monkeypatch):
+    """Every push is a new version; replicas pulling within rebuild_interval of the last
+    snapshot get that one, so busy replicas cannot have the memory flatten its trie once
+    per replica per sync interval. The newer answers come at a later pull."""
+    clock = [100.0]
+    monkeypatch.setattr(scale.time, "monotonic", lambda: clock[0])
+    memory = SharedMemory(max_nodes=10_000, rebuild_interval=1.0)
+    made = []
+    real = scale.flatten
+    monkeypatch.setattr(scale, "flatten", lambda trie: made.append(clock[0]) or real(trie))
+    first = memory.push("a", FP, answers(1, 0))
+    assert memory.snapshot()[0] == first and len(made) == 1
+    for replica, seed in (("b", 1), ("c", 2), ("d", 3)):  # three more replicas push, then pull
+        memory.push(replica, FP, answers(1, seed))
+        assert memory.snapshot()[0] == first  # the snapshot made last
+        assert memory.snapshot(first) is None  # a replica that has it gets nothing yet
+    assert len(made) == 1
+    clock[0] += 1.0
+    newest = memory.snapshot(first)
+    assert newest[0] == memory.version != first and len(made) == 2  # all four replicas' answers in one
+    copy = unflatten(newest[1], 10_000)
+    assert all(copy.find(answers(1, seed)[0][1][:3]) is not None for seed in range(4))
+
+
 def test_shared_memory_checks_tokenizers_averages_calibrations_and_persists(tmp_path):
     path = tmp_path / "trie.npz"
     memory = SharedMemory(str(path), max_nodes=10_000)
@@ -104,8 +128,8 @@ def replica_shell(max_nodes=10_000):
 def test_a_replicas_answers_and_calibration_reach_another_through_the_shared_memory():
     a, b, memory = replica_shell(), replica_shell(), SharedMemory(max_nodes=10_000)
     calibration = a.engine.budget.calibration
-    for depth in (1, 1, 2, 3, 5, 5):  # replica A learned that its deep trie edges are right
-        calibration.observe(1.0, True, depth)
+    for score in (0.1, 0.1, 0.3, 0.3, 0.5, 0.5):  # replica A learned that its unlikely-looking edges are right
+        calibration.observe(score, True)
     answer = list(range(100, 140))
     a.pending.append(([1, 2], answer))
     batch, state = a._take()

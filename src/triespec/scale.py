@@ -100,7 +100,8 @@ class SharedMemory:
     actor). Its settings must be the replicas' drafter's, so that an n-gram means the same."""
 
     def __init__(self, path: str | None = None, max_nodes: int = 500_000, match_length: int = 2,
-                 branch_length: int = 12, save_interval: float = 300.0, forget_after: float = 120.0):
+                 branch_length: int = 12, save_interval: float = 300.0, forget_after: float = 120.0,
+                 rebuild_interval: float = 0.0):
         self.drafter = TrieDrafter(match_length=match_length, branch_length=branch_length, max_nodes=max_nodes)
         self.path, self.save_interval, self.forget_after = path, save_interval, forget_after
         self.fingerprint: str | None = None
@@ -110,7 +111,10 @@ class SharedMemory:
         self.calibrations: dict[str, tuple[float, np.ndarray]] = {}  # replica -> (when, its latest calibration)
         self.seen: dict[str, float] = {}  # replica -> when it last synced
         self.answers = 0
-        self._snapshot: tuple | None = None  # the latest version's, made once for every replica
+        self._snapshot: tuple | None = None  # the latest one made, for every replica
+        # a snapshot is made at most once per rebuild_interval: every push makes a new
+        # version, and without it N busy replicas would have it make N per sync interval
+        self.rebuild_interval, self._built = rebuild_interval, -float("inf")
 
     @property
     def version(self) -> str:
@@ -141,15 +145,19 @@ class SharedMemory:
             self.save()
         return self.version
 
-    def snapshot(self, since: int = -1):
+    def snapshot(self, since: str = ""):
         """(version, (parent, token, count) as int32, calibration or None), or None when
-        the memory is still at version `since`."""
+        the replica has the newest snapshot made (`since`: its version). A newer version
+        gets its snapshot once `rebuild_interval` seconds have passed since the last one
+        was made; until then replicas get the last one, and the newer answers at a later
+        pull."""
         if since == self.version:
             return None
-        if self._snapshot is None or self._snapshot[0] != self.version:
+        if self._snapshot is None or (self._snapshot[0] != self.version
+                                      and time.monotonic() - self._built >= self.rebuild_interval):
             arrays = tuple(a.astype(np.int32) for a in flatten(self.drafter.memory))
-            self._snapshot = (self.version, arrays, self.calibration())
-        return self._snapshot
+            self._snapshot, self._built = (self.version, arrays, self.calibration()), time.monotonic()
+        return None if self._snapshot[0] == since else self._snapshot
 
     def calibration(self) -> np.ndarray | None:
         """The calibrations of the replicas heard from lately, averaged cell by cell."""
@@ -572,7 +580,8 @@ def start(config: ScaleConfig, host: str = "127.0.0.1", port: int = 8000, ray_ad
     drafter = config.engine
     memory = ray.remote(SharedMemory).options(name=MEMORY_NAME, namespace=NAMESPACE, num_cpus=0,
                                               max_restarts=-1).remote(
-        config.trie, config.max_nodes, 2, drafter.get("branch_length", 12), config.save_interval)
+        config.trie, config.max_nodes, 2, drafter.get("branch_length", 12), config.save_interval,
+        rebuild_interval=config.sync_interval / 2)
     ray.get(memory.stats.remote(), timeout=60)
     serve.start(http_options={"host": host, "port": port})
     extra = config.server.get("max_batch", 32) + config.server.get("max_queue", 64)
