@@ -10,11 +10,11 @@ method's own earlier answers. Every call is recorded raw; `summarise` turns reco
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import statistics
 import threading
-import inspect
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
