@@ -174,8 +174,8 @@ def copy_oracle(generations: list[tuple[list[int], list[int]]], corpus: list[lis
     earlier outputs of the run and the warm corpus; plus the bonus token. With `context`
     = c, only a continuation that occurs right after the same c tokens as here: what a
     drafter that finds its copy by matching the last tokens (the trie, prompt lookup,
-    SuffixDecoding: at least one) can reach at best; 0 also counts a copy that starts
-    after a token seen nowhere before it, which no such drafter can enter.
+    SuffixDecoding: at least one) can reach at best; 0 also counts a copy entered after
+    a token that its first token follows nowhere before, which no such drafter can enter.
     generations: [(prompt ids, output ids)] in run order.
     """
     most = depth + context
