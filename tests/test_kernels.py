@@ -200,6 +200,21 @@ def test_packed_kernels_fall_back_with_a_notice_where_they_cannot_run(monkeypatc
         assert Engine(make_model("llama"), drafter=NoDraft(), adaptive=False, kernels="auto").kernels == "torch"
 
 
+def test_packing_that_would_not_fit_in_memory_falls_back(monkeypatch):
+    """Packing holds a second copy of the weights for a while: without room for it the
+    model stays on torch's kernels, with the reason, and unchanged."""
+    import types
+
+    model = make_model("llama")
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+    monkeypatch.setattr(kernels.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=weights - 1))
+    with pytest.warns(RuntimeWarning, match="packing needs .* GiB free for a second copy of the weights"):
+        assert kernels.set_kernels(model, "packed") == "torch"
+    assert kernels.current(model) == "torch" and not any(isinstance(m, kernels.PackedLinear) for m in model.modules())
+    monkeypatch.setattr(kernels.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=weights))
+    assert kernels.set_kernels(model, "packed") == "packed"  # room for exactly one copy: enough
+
+
 def test_a_failing_op_falls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("could not create a primitive")

@@ -37,6 +37,7 @@ import time
 import warnings
 import weakref
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,7 +174,7 @@ def set_kernels(model: nn.Module, kernels: str) -> str:
     if kernels == "torch":
         unpack(model)
         return "torch"
-    why = unavailable(model.dtype, model.device)
+    why = unavailable(model.dtype, model.device) or _no_room(model)
     if why is None and not pack(model):
         why = "the model has no linear layer to pack"
     if why is not None:
@@ -275,6 +276,22 @@ def _time_forwards(model: nn.Module, sizes: list[int], repeats: int) -> list[flo
     for _ in range(repeats):
         best = [min(b, run(n)) for b, n in zip(best, sizes)]
     return best
+
+
+def _no_room(model: nn.Module) -> str | None:
+    """Why packing would not fit in memory, or None: each weight is packed into a new
+    tensor before its dense one is let go, and a dense weight mapped from its checkpoint
+    file stays resident until all are packed, so packing needs room for a second copy of
+    the weights it packs (measured: peak RSS +116% on Qwen2.5-Coder-1.5B in fp32,
+    docs/kernels.md). A process killed for memory at start-up is worse than torch's
+    kernels."""
+    tied = _tied_output(model)
+    need = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if type(m) is nn.Linear and m is not tied)
+    free = psutil.virtual_memory().available
+    if need > free:
+        return f"packing needs {need / 2**30:.1f} GiB free for a second copy of the weights, {free / 2**30:.1f} GiB are"
+    return None
 
 
 def _tied_output(model: nn.Module) -> nn.Module | None:
