@@ -371,6 +371,11 @@ def test_killed_replicas_are_restarted_and_lose_no_request_nor_the_memory(cluste
     thread.join(180)
     assert not thread.is_alive() and result["text"] == expected and result["replica"] != ids[0]
     wait_for(url, lambda h: h["shared_memory"]["answers"] > learned, timeout=30)  # B pushed it
+    # A's replacement is up: the key of the stream below must be B's among the replicas now
+    health = wait_for(url, lambda h: h["replicas"].get("RUNNING") == 2
+                      and len(set(h["shared_memory"]["replicas_seen"]) - set(ids)) == 1, timeout=300)
+    [first] = set(health["shared_memory"]["replicas_seen"]) - set(ids)
+    on_b = key_for(ids[1], sorted([ids[1], first]), "long-b")
     # 2. a stream whose replica dies ends with an error event, not silently
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     steam = [{"role": "user", "content": "Explain how a steam engine works, step by step."}]
@@ -381,8 +386,9 @@ def test_killed_replicas_are_restarted_and_lose_no_request_nor_the_memory(cluste
         for chunk in stream:
             pieces += [c.delta.content or "" for c in chunk.choices]
             if len(pieces) == 3:
-                ray.kill(serve_actor(stream.response.headers["x-triespec-replica"]), no_restart=True)
-    assert len(pieces) >= 3
+                killed = stream.response.headers["x-triespec-replica"]
+                ray.kill(serve_actor(killed), no_restart=True)
+    assert len(pieces) >= 3 and killed == ids[1]  # both first replicas are gone now
     # 3. Serve restarts both; they start from the shared memory: the answers above, drafted at once
     health = wait_for(url, lambda h: h["replicas"].get("RUNNING") == 2
                       and len(set(h["shared_memory"]["replicas_seen"]) - set(ids)) == 2, timeout=300)
