@@ -165,18 +165,9 @@ class BudgetStore:
                 "curve": {"sizes": cost.sizes, "seconds": cost.seconds, "confirmed": cost.confirmed,
                           "context": cost.context, "per_context": list(cost.per_context)},
                 "calibration": calibration.state().tolist()}
-        tmp = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            _write_json(self.path, data)
         except (OSError, ValueError) as e:  # ValueError: a time that is not finite
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             if not self._save_failed:
                 self._save_failed = True
                 warnings.warn(f"triespec: the adaptive budget could not be saved to {self.path}: {e}",
@@ -227,11 +218,7 @@ class KernelStore:
         data = {"magic": MAGIC + "-kernels", "version": VERSION, "key": self.key, "kernels": choice,
                 "seconds": seconds}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-            os.replace(tmp, self.path)
+            _write_json(self.path, data)
         except (OSError, ValueError) as e:
             warnings.warn(f"triespec: the kernel choice could not be saved to {self.path}: {e}",
                           RuntimeWarning, stacklevel=2)
@@ -240,6 +227,23 @@ class KernelStore:
         warnings.warn(f"triespec: ignoring the saved kernel choice {self.path}: it {why}; timing again",
                       RuntimeWarning, stacklevel=3)
         return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` atomically (a temporary file in the same folder, synced, then
+    os.replace): a crash mid-save leaves the previous file whole. OSError, or ValueError
+    for a number JSON cannot hold, with no temporary file left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _cost(curve: dict) -> CostModel:
