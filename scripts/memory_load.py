@@ -1,8 +1,8 @@
 """The shared memory's load as it grows (scale.SharedMemory, in this process, no Ray):
 what a replica sends per push, what learning it costs the memory, and what a snapshot
-costs at several sizes: its bytes, the CPU ms to make it (once per version, for every
-replica), to load it on a replica (unflatten, off the replica's decoding thread) and to
-save it to the `--trie` file.
+costs at several sizes: its bytes, the CPU ms to make it (at most once per half sync
+interval, for every replica), to load it on a replica (unflatten, off the replica's
+decoding thread) and to save it to the `--trie` file.
 
 The answers are text a server might produce: the Python standard library's sources
 (code and docstrings) cut into answers of `--answer-tokens` tokens by SmolLM2's
