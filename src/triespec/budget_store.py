@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import transformers
 from .budget import Calibration, CostModel
 from .kernels import current as current_kernels
 from .loading import cache_dir
-from .persist import fingerprint as vocabulary_fingerprint
+from .persist import atomic_write, fingerprint as vocabulary_fingerprint
 
 MAGIC = "triespec-budget"
 VERSION = 2  # 2: the calibration has one cell per score bin and kind (no depth classes, no scale)
@@ -230,20 +229,9 @@ class KernelStore:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write `data` to `path` atomically (a temporary file in the same folder, synced, then
-    os.replace): a crash mid-save leaves the previous file whole. OSError, or ValueError
-    for a number JSON cannot hold, with no temporary file left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` to `path` atomically (persist.atomic_write). OSError, or ValueError for a
+    number JSON cannot hold."""
+    atomic_write(path, lambda f: json.dump(data, f, allow_nan=False))
 
 
 def _cost(curve: dict) -> CostModel:

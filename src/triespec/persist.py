@@ -64,21 +64,30 @@ def write_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], path: str | 
     adaptive budget's learned acceptance rates (budget.Calibration.state), kept with the
     trie whose drafts they rate."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     parent, token, count = arrays
     header = json.dumps({"magic": MAGIC, "version": VERSION, "fingerprint": fingerprint, "nodes": len(token)})
+    extra = {} if calibration is None else {"calibration": calibration}
+    atomic_write(path, lambda f: np.savez_compressed(f, header=np.array(header), parent=parent, token=token,
+                                                     count=count, **extra), binary=True)
+    return path.stat().st_size
+
+
+def atomic_write(path: str | os.PathLike, write, binary: bool = False) -> None:
+    """Call `write(file)` on a temporary file in `path`'s folder, sync it, then put it in
+    `path`'s place (os.replace): a crash mid-write leaves the previous file whole. Whatever
+    `write` raises is raised, with no temporary file left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            extra = {} if calibration is None else {"calibration": calibration}
-            np.savez_compressed(f, header=np.array(header), parent=parent, token=token, count=count, **extra)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path.stat().st_size
 
 
 def load_trie(path: str | os.PathLike, fingerprint: str, max_nodes: int | None = None) -> Trie:
