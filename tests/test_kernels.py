@@ -201,18 +201,27 @@ def test_packed_kernels_fall_back_with_a_notice_where_they_cannot_run(monkeypatc
 
 
 def test_packing_that_would_not_fit_in_memory_falls_back(monkeypatch):
-    """Packing holds a second copy of the weights for a while: without room for it the
+    """Packing frees each dense weight of its own memory as its packed copy is made, so
+    it needs room for one weight more; the packed copies of weights mapped from a
+    checkpoint are new memory (the file's pages are its cache). Without that room the
     model stays on torch's kernels, with the reason, and unchanged."""
     import types
 
+    def room(available):
+        monkeypatch.setattr(kernels.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available))
+
     model = make_model("llama")
-    weights = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
-    monkeypatch.setattr(kernels.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=weights - 1))
-    with pytest.warns(RuntimeWarning, match="packing needs .* GiB free for a second copy of the weights"):
+    sizes = [m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear]
+    room(max(sizes) - 1)
+    with pytest.warns(RuntimeWarning, match="packing needs .* GiB free for the largest weight"):
         assert kernels.set_kernels(model, "packed") == "torch"
     assert kernels.current(model) == "torch" and not any(isinstance(m, kernels.PackedLinear) for m in model.modules())
-    monkeypatch.setattr(kernels.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=weights))
-    assert kernels.set_kernels(model, "packed") == "packed"  # room for exactly one copy: enough
+    monkeypatch.setattr(kernels.pages, "file_mapping", lambda tensor, maps=None: kernels.pages.Mapping(0, 1, "w", 0, 4))
+    room(sum(sizes) + max(sizes) - 1)
+    with pytest.warns(RuntimeWarning, match="packing needs .* GiB free for the packed copies of the weights mapped"):
+        assert kernels.set_kernels(model, "packed") == "torch"
+    room(sum(sizes) + max(sizes))
+    assert kernels.set_kernels(model, "packed") == "packed"
 
 
 def test_a_failing_op_falls_back(monkeypatch):

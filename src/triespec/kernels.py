@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from triespec import pages
+
 CHOICES = ("auto", "torch", "packed")
 TESTED_TORCH = ("2.13.",)  # releases the private oneDNN ops are used with
 DTYPES = (torch.float32, torch.bfloat16)
@@ -129,26 +131,39 @@ def current(model: nn.Module) -> str:
 def pack(model: nn.Module) -> int:
     """Put every nn.Linear of `model` (a tied output layer excepted, see the module's
     docstring) on packed weights; returns how many were packed. Layers whose weight is
-    not of a packable dtype or not on the CPU are left as they are."""
-    tied = _tied_output(model)
-    count = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is tied or module.weight.device.type != "cpu" \
-                or module.weight.dtype not in DTYPES:
-            continue
-        _replace(model, name, PackedLinear(module))
-        count += 1
-    if count:
+    not of a packable dtype or not on the CPU are left as they are.
+
+    Memory: the largest weights are packed first, and each dense weight is let go as
+    soon as its packed copy exists (its pages given back when it is mapped from the
+    checkpoint, pages.release), so the peak is the packed model plus one dense weight,
+    not two copies of the model."""
+    names = _packable(model)
+    maps = pages.mappings()
+    kept = False  # a packed weight whose dense pages stay resident with the checkpoint's mapping
+    for name in sorted(names, key=lambda n: -model.get_submodule(n).weight.numel()):
+        linear = model.get_submodule(name)
+        _replace(model, name, PackedLinear(linear))
+        if not pages.release(linear.weight, maps):
+            kept = kept or pages.file_mapping(linear.weight, maps) is not None
+        del linear  # the last reference: a dense weight of its own memory is freed here
+    if kept:
         _own_parameters(model)
-    return count
+    return len(names)
+
+
+def _packable(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear layers `pack` packs."""
+    tied = _tied_output(model)
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and m is not tied and m.weight.device.type == "cpu" and m.weight.dtype in DTYPES]
 
 
 def _own_parameters(model: nn.Module) -> None:
-    """Give the parameters left dense (embeddings, norms, biases) memory of their own: a
-    checkpoint loaded from safetensors maps its file, and one tensor still viewing the
-    mapping keeps the whole file resident, the dropped dense weights included
-    (docs/kernels.md). `.data` is replaced, not the Parameter, so weights tied to one
-    another stay tied."""
+    """Give the parameters left dense (embeddings, norms, biases) memory of their own,
+    where the dropped dense weights' pages could not be given back (pages.release): one
+    tensor still viewing the checkpoint's mapping keeps the whole file mapped, the
+    dropped weights' resident pages included (docs/kernels.md). `.data` is replaced, not
+    the Parameter, so weights tied to one another stay tied."""
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
@@ -156,12 +171,10 @@ def _own_parameters(model: nn.Module) -> None:
 
 def unpack(model: nn.Module) -> int:
     """Put every PackedLinear of `model` back as a dense nn.Linear; returns how many."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, PackedLinear):
-            _replace(model, name, module.to_linear())
-            count += 1
-    return count
+    names = [name for name, module in model.named_modules() if isinstance(module, PackedLinear)]
+    for name in names:  # by name, so each packed weight is freed once its dense copy is made
+        _replace(model, name, model.get_submodule(name).to_linear())
+    return len(names)
 
 
 def set_kernels(model: nn.Module, kernels: str) -> str:
@@ -279,18 +292,20 @@ def _time_forwards(model: nn.Module, sizes: list[int], repeats: int) -> list[flo
 
 
 def _no_room(model: nn.Module) -> str | None:
-    """Why packing would not fit in memory, or None: each weight is packed into a new
-    tensor before its dense one is let go, and a dense weight mapped from its checkpoint
-    file stays resident until all are packed, so packing needs room for a second copy of
-    the weights it packs (measured: peak RSS +116% on Qwen2.5-Coder-1.5B in fp32,
-    docs/kernels.md). A process killed for memory at start-up is worse than torch's
-    kernels."""
-    tied = _tied_output(model)
-    need = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-               if type(m) is nn.Linear and m is not tied)
+    """Why packing would not fit in memory, or None. `pack` frees a dense weight of its
+    own memory as soon as its packed copy is made, so those take room for one weight
+    more; a weight mapped from the checkpoint leaves its pages to the file's cache (given
+    back by pages.release, or reclaimable), so its packed copy is new memory. A process
+    killed for memory at start-up is worse than torch's kernels."""
+    weights = [model.get_submodule(name).weight for name in _packable(model)]
+    maps = pages.mappings()
+    sizes = [w.numel() * w.element_size() for w in weights]
+    mapped = sum(size for w, size in zip(weights, sizes) if pages.file_mapping(w, maps) is not None)
+    need = max(sizes, default=0) + mapped
     free = psutil.virtual_memory().available
     if need > free:
-        return f"packing needs {need / 2**30:.1f} GiB free for a second copy of the weights, {free / 2**30:.1f} GiB are"
+        what = "the packed copies of the weights mapped from the checkpoint" if mapped else "the largest weight"
+        return f"packing needs {need / 2**30:.1f} GiB free for {what}, {free / 2**30:.1f} GiB are"
     return None
 
 
