@@ -6,9 +6,12 @@ load the model, put it on the kernels, time forwards of 1, 2, 4, 8, 16 and 32 to
 after 64 cached tokens (budget.CostModel.measure, the fastest of --repeats passes over
 the sizes), then generate --new-tokens greedily with model.generate; peak RSS is the
 process's maximum. Run it alone: the other load of a shared machine moves every figure.
+`--profile`: where a forward's time goes, by torch op (share of CPU time), for forwards of
+1 and 16 tokens after --context cached tokens.
 
     python scripts/forward_kernels.py --dtype float32
     python scripts/forward_kernels.py --model qwen2.5-coder-1.5b --dtype bfloat16
+    python scripts/forward_kernels.py --model qwen2.5-coder-1.5b --context 1500 --profile
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import time
 SIZES = (1, 2, 4, 8, 16, 32)
 
 
-def forward_times(model, repeats: int, context: int = 64) -> tuple[dict, dict]:
-    """Wall and CPU seconds (all threads) of a forward over n tokens, a chain, after
-    `context` cached tokens, for each n in SIZES: the fastest of `repeats` passes over the
-    sizes, after a warm-up pass (budget.CostModel.measure's forward, timed by both clocks)."""
+PROFILED = (1, 16)  # forward sizes --profile breaks down
+
+
+def forwarder(model, context: int):
+    """A function n -> one forward over n tokens (a chain) after `context` cached tokens,
+    the cache put back after it: budget.CostModel.measure's forward."""
     import torch
     from transformers import DynamicCache
 
@@ -38,21 +43,48 @@ def forward_times(model, repeats: int, context: int = 64) -> tuple[dict, dict]:
     cache = DynamicCache()
     vocab = model.get_input_embeddings().weight.shape[0]
     model(input_ids=torch.arange(context, device=model.device)[None] % vocab, **with_cache(model, cache))
+
+    def run(n: int) -> None:
+        packed = pack([Row([1], TokenTree.chain([1] * (n - 1)), context)], context, model.dtype, model.config,
+                      model.device)
+        forward(model, packed, cache, logits_to_keep=n)
+        keep_paths(cache, [(context, [])])
+
+    return run
+
+
+def forward_times(run, repeats: int) -> tuple[dict, dict]:
+    """Wall and CPU seconds (all threads) of `run(n)` for each n in SIZES: the fastest of
+    `repeats` passes over the sizes, after a warm-up pass."""
     wall, cpu = {n: float("inf") for n in SIZES}, {n: float("inf") for n in SIZES}
     for attempt in range(repeats + 1):
         for n in SIZES:
-            packed = pack([Row([1], TokenTree.chain([1] * (n - 1)), context)], context, model.dtype, model.config,
-                          model.device)
             w, c = time.perf_counter(), time.process_time()
-            forward(model, packed, cache, logits_to_keep=n)
+            run(n)
             w, c = time.perf_counter() - w, time.process_time() - c
-            keep_paths(cache, [(context, [])])
             if attempt:  # the first pass warms up
                 wall[n], cpu[n] = min(wall[n], w), min(cpu[n], c)
     return wall, cpu
 
 
-def one(model_name: str | None, dtype: str, kernels: str, repeats: int, new_tokens: int) -> dict:
+def profile(run, passes: int = 3) -> dict:
+    """{n: {op: share of the forward's CPU time, by the op's own time}} for n in PROFILED."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    shares = {}
+    for n in PROFILED:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(passes):
+                run(n)
+        ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        total = sum(ops.values()) or 1.0
+        shares[n] = {op: t / total for op, t in ops.items()}
+    return shares
+
+
+def one(model_name: str | None, dtype: str, kernels: str, repeats: int, new_tokens: int, context: int = 64,
+        profiled: bool = False) -> dict:
     """Measure one kernel in this process."""
     import torch
     from transformers.utils import logging
@@ -70,7 +102,9 @@ def one(model_name: str | None, dtype: str, kernels: str, repeats: int, new_toke
     ran = set_kernels(model, kernels)
     switch = time.perf_counter() - t1
     with torch.inference_mode():
-        wall, cpu = forward_times(model, repeats)
+        run = forwarder(model, context)
+        wall, cpu = forward_times(run, repeats)
+        shares = profile(run) if profiled else None
         ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]])
         t2 = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
@@ -79,7 +113,7 @@ def one(model_name: str | None, dtype: str, kernels: str, repeats: int, new_toke
     return {"kernels": ran, "seconds": wall, "cpu_seconds": cpu, "load_s": round(t1 - t0, 1), "switch_s": round(switch, 2),
             "generate_tok_s": round((out.shape[1] - ids.shape[1]) / gen, 2), "rss_loaded_mb": round(loaded),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "tokens": out[0, ids.shape[1]:].tolist()}
+            "tokens": out[0, ids.shape[1]:].tolist(), "profile": shares}
 
 
 def main() -> None:
@@ -88,20 +122,26 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated for the tokens/s column")
+    parser.add_argument("--context", type=int, default=64, help="cached tokens before each timed forward")
+    parser.add_argument("--profile", action="store_true", help="also break forwards of 1 and 16 tokens down by op")
     parser.add_argument("--one", choices=["torch", "packed"], help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    if args.context < 1:
+        parser.error(f"--context must be >= 1, got {args.context}")
     if args.one:
-        print(json.dumps(one(args.model, args.dtype, args.one, args.repeats, args.new_tokens)))
+        print(json.dumps(one(args.model, args.dtype, args.one, args.repeats, args.new_tokens, args.context,
+                             args.profile)))
         return
     rows = []
     for kernels in ("torch", "packed"):
         cmd = [sys.executable, __file__, "--dtype", args.dtype, "--repeats", str(args.repeats),
-               "--new-tokens", str(args.new_tokens), "--one", kernels] + (["--model", args.model] if args.model else [])
+               "--new-tokens", str(args.new_tokens), "--context", str(args.context), "--one", kernels] \
+            + (["--model", args.model] if args.model else []) + (["--profile"] if args.profile else [])
         done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if done.returncode:
             raise SystemExit(done.stderr)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{args.model or 'SmolLM2-135M-Instruct'}, {args.dtype}: ms per forward after 64 cached tokens "
+    print(f"{args.model or 'SmolLM2-135M-Instruct'}, {args.dtype}: ms per forward after {args.context} cached tokens "
           f"(best of {args.repeats}) by tokens fed, wall clock and CPU time (both threads); greedy "
           f"model.generate tokens/s; peak RSS; load average {os.getloadavg()[0]:.1f}\n")
     print("| kernels | clock | " + " | ".join(map(str, SIZES)) + " | 8 / 1 | 16 / 1 | generate tok/s | "
@@ -115,6 +155,15 @@ def main() -> None:
                   + f" | {s[8] / s[1]:.2f} | {s[16] / s[1]:.2f} | {extra} |")
     same = rows[0]["tokens"] == rows[1]["tokens"]
     print(f"\ngreedy output of model.generate identical on both kernels ({args.new_tokens} tokens): {same}")
+    for r in rows if args.profile else []:
+        print(f"\n{r['kernels']}: share of a forward's CPU time by op, after {args.context} cached tokens\n")
+        print("| op | " + " | ".join(f"{n} token{'s' * (n > 1)}" for n in PROFILED) + " |")
+        print("|---|" + "---:|" * len(PROFILED))
+        shares = [r["profile"][str(n)] for n in PROFILED]
+        top = sorted(set().union(*shares), key=lambda op: -max(s.get(op, 0.0) for s in shares))[:6]
+        for op in top:
+            print(f"| {op} | " + " | ".join(f"{100 * s.get(op, 0.0):.1f}%" for s in shares) + " |")
+        print("| other | " + " | ".join(f"{100 * (1 - sum(s.get(op, 0.0) for op in top)):.1f}%" for s in shares) + " |")
 
 
 if __name__ == "__main__":

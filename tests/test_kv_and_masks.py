@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -96,3 +98,29 @@ def test_unknown_attention_types_are_refused():
     config.layer_types = ["chunked_attention", "full_attention"]
     with pytest.raises(ValueError, match="chunked_attention"):
         attention_layout(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_tree_forward_on_cpu_runs_torchs_gqa_not_copied_heads(arch, monkeypatch):
+    """Grouped key/value heads (the tiny models have 2 for 4 query heads): under a tree's
+    mask, transformers would copy each key/value head per query head (repeat_kv) unless
+    told to use torch's GQA; masks.forward tells it, on the CPU, and the logits are the
+    copying path's."""
+    from transformers.integrations import sdpa_attention
+
+    from triespec import masks
+
+    model = tiny_model(arch)
+    tree = TokenTree((20, 21, 30, 31, 32), (-1, 0, -1, 2, 3))
+    packed = pack([Row([7, 8], tree, 5)], 5, model.dtype, model.config, None)
+    with torch.no_grad():
+        copied = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                       attention_mask=packed.attention_mask, **with_cache(model, cache_of(model, [5, 9, 14, 3, 7]))).logits
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("key/value heads copied under a mask")
+
+        monkeypatch.setattr(sdpa_attention, "repeat_kv", refuse)
+        grouped = masks.forward(model, packed, cache_of(model, [5, 9, 14, 3, 7])).logits
+    assert masks.FORCE_GQA not in os.environ  # put back as it was
+    torch.testing.assert_close(grouped, copied, rtol=0, atol=1e-5)

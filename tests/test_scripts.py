@@ -154,9 +154,15 @@ def test_memory_load_stays_within_its_bound_and_measures_each_size():
 
 @pytest.mark.slow
 def test_forward_kernels_times_both_kernels_and_checks_their_output():
-    out = run_script("forward_kernels.py", "--repeats", "1", "--new-tokens", "2", timeout=300)
+    out = run_script("forward_kernels.py", "--repeats", "1", "--new-tokens", "2", "--profile", timeout=300)
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in out.splitlines()
             if re.match(r"\| (torch|packed) \| (wall|cpu) \|", line)}
     assert set(rows) == {(k, c) for k in ("torch", "packed") for c in ("wall", "cpu")}
     # fp32 kernels sum in other orders: two logits within rounding may pick another token
     assert re.search(r"greedy output of model.generate identical on both kernels \(2 tokens\): (True|False)", out)
+    # --profile: each kernel's breakdown, the packed one's linear op among the top ops, shares summing to 100%
+    assert out.count("share of a forward's CPU time by op") == 2 and "| mkldnn::_linear_pointwise |" in out
+    for table in out.split("share of a forward's CPU time by op")[1:]:
+        shares = [[float(c.strip().rstrip("%")) for c in line.split("|")[2:-1]]
+                  for line in table.splitlines() if line.startswith("| ") and "%" in line]
+        assert len(shares) == 7 and all(abs(sum(col) - 100) < 0.5 for col in zip(*shares))
