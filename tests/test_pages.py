@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from triespec import kernels, pages
 
-pytestmark = pytest.mark.skipif(not pages.mappings() or pages._madvise is None,
+pytestmark = pytest.mark.skipif(not pages.mappings(),
                                 reason="needs /proc/self/smaps and madvise (Linux)")
 
 

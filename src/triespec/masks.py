@@ -115,7 +115,10 @@ def forward(model, packed: Packed, cache, **kwargs):
     it under one) and otherwise copies every key/value head once per query head it
     serves, over the whole cache; a tree's forward always has a mask. At 1,500 cached
     tokens that copy was about a tenth of a 16-token forward of Qwen2.5-Coder-1.5B on a
-    CPU (docs/kernels.md). Same products, so the same logits."""
+    CPU (docs/kernels.md). Same products, so the same logits (tested bit for bit). The
+    switch is transformers' environment variable, set for the forward's duration unless
+    the user set it: a forward run meanwhile in another thread may take either path,
+    with the same logits."""
     with _cpu_gqa(packed.input_ids.device):
         return model(input_ids=packed.input_ids, position_ids=packed.position_ids,
                      attention_mask=packed.attention_mask, **with_cache(model, cache), **kwargs)
