@@ -447,12 +447,13 @@ def test_a_cold_start_times_only_a_few_sizes(monkeypatch):
         return real(model, packed, cache, logits_to_keep=logits_to_keep)
 
     monkeypatch.setattr(budget, "forward", counted)
-    model = make_model("llama")
-    engine = Engine(model, decoding_length=32)  # a curve up to 33 tokens
     timed = [1, 2, 4, 8, 16, 32, 33]
-    assert fed == [(1, 64)] + [(n, 64) for n in timed]  # a warm-up, then each size once
-    assert engine.budget.cost.sizes == list(range(1, 34))
-    assert engine.budget.cost.confirmed == [n in timed for n in range(1, 34)]
+    for kernels, timings in (("torch", 1), ("auto", 2)):  # auto: the same curve, timed on each kernels
+        fed.clear()
+        engine = Engine(make_model("llama"), decoding_length=32, kernels=kernels, budget_cache=False)
+        assert fed == ([(1, 64)] + [(n, 64) for n in timed]) * timings  # a warm-up, then each size once
+        assert engine.budget.cost.sizes == list(range(1, 34))
+        assert engine.budget.cost.confirmed == [n in timed for n in range(1, 34)]
 
 
 def test_a_first_real_step_confirms_a_size_and_takes_a_lower_time_whole():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import VOCAB, ScriptedDrafter, make_model, plain_greedy, repetitive_prompt
-from triespec import Engine, TokenTree, kernels
+from triespec import Engine, TokenTree, budget, kernels
 from triespec.budget_store import BudgetStore, KernelStore
 from triespec.cli import build_parser
 from triespec.drafters import NoDraft
@@ -154,29 +154,60 @@ def test_bad_kernels_are_refused_with_the_reason(tmp_path):
     assert build_parser().parse_args(["generate", "hi"]).kernels == "auto"
 
 
+def timing_by_kernels(monkeypatch, factor, timed=None):
+    """Stand in for the cold cost curve's timing (budget.CostModel.measure): forwards cost
+    0.001 s per token times factor[kernels the model is on]; `timed` records the kernels
+    of each timing."""
+    def measure(model, config, max_tokens, **settings):
+        on = kernels.current(model)
+        if timed is not None:
+            timed.append(on)
+        return budget.CostModel([1, max_tokens], [0.001 * factor[on], 0.001 * max_tokens * factor[on]])
+
+    monkeypatch.setattr(budget.CostModel, "measure", measure)
+
+
 def test_auto_keeps_the_faster_by_timing_and_remembers_it(tmp_path, monkeypatch):
     timed = []
-
-    def fake_timing(model, sizes, repeats):  # packed twice as fast at every size
-        timed.append(kernels.current(model))
-        return [0.001 * n * (0.5 if kernels.current(model) == "packed" else 1.0) for n in sizes]
-
-    monkeypatch.setattr(kernels, "_time_forwards", fake_timing)
+    timing_by_kernels(monkeypatch, {"torch": 1.0, "packed": 0.5}, timed)  # packed twice as fast at every size
     model = make_model("llama")
     engine = Engine(model, decoding_length=8, budget_cache=tmp_path)
+    # each kernels timed once, and the chosen one's curve is the budget's: a cold start times nothing more
     assert timed == ["torch", "packed"] and engine.kernels == kernels.current(model) == "packed"
+    assert engine.budget.cost.seconds == pytest.approx([0.0005, 0.0045])
     assert engine.budget_store.key["kernels"] == "packed"  # the curve kept is the packed one's
     store = KernelStore.open(tmp_path, make_model("llama"), None, 9)
     assert store.path.is_file() and store.load() == "packed"
     # a second start on another object of the same model times nothing
+    engine.budget_store.save(engine.budget.cost, engine.budget.calibration)
     timed.clear()
     second = Engine(make_model("llama"), decoding_length=8, budget_cache=tmp_path)
     assert timed == [] and second.kernels == "packed"
-    # where torch's are faster, auto keeps them
-    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: [
-        0.001 * n * (2.0 if kernels.current(model) == "packed" else 1.0) for n in sizes])
+    # where torch's are faster, auto keeps them, and the budget starts from torch's curve
+    timing_by_kernels(monkeypatch, {"torch": 1.0, "packed": 2.0}, timed)
     third = make_model("llama")
-    assert Engine(third, decoding_length=8, budget_cache=False).kernels == kernels.current(third) == "torch"
+    engine = Engine(third, decoding_length=8, budget_cache=False)
+    assert engine.kernels == kernels.current(third) == "torch" and timed == ["torch", "packed"]
+    assert engine.budget.cost.seconds == pytest.approx([0.001, 0.009])
+
+
+def test_the_cold_curve_is_timed_on_warm_kernels(monkeypatch):
+    """oneDNN makes a kernel the first time it sees a shape and a row count: the curve's
+    timing runs every linear shape at every size it times before timing it."""
+    model = make_model("llama")
+    warmed = []
+    original = kernels.warm
+    monkeypatch.setattr(budget, "warm", lambda m, sizes: warmed.append(list(sizes)) or original(m, sizes))
+    budget.CostModel.measure(model, model.config, 9)
+    assert warmed == [[1, 2, 4, 8, 9]]
+    seen = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_hook(lambda m, args, out: seen.append((m.in_features, m.out_features,
+                                                                            args[0].shape[0])))
+    kernels.warm(model, [1, 3])
+    shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert sorted(seen) == sorted((k, n, rows) for k, n in shapes for rows in (1, 3))  # each shape once per size
 
 
 def test_the_budget_key_names_the_kernels(tmp_path):
@@ -275,7 +306,7 @@ def test_a_damaged_kernel_choice_is_ignored_with_a_warning_and_timed_again(tmp_p
     import json
 
     timed = []
-    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: timed.append(1) or [0.001] * len(sizes))
+    timing_by_kernels(monkeypatch, {"torch": 1.0, "packed": 1.0}, timed)
     store = KernelStore.open(tmp_path, make_model("llama"), None, 9)
     store.save("packed", {})
     data = json.loads(store.path.read_text())
@@ -310,8 +341,8 @@ def test_the_micro_benchmark_script_prints_every_shape(tmp_path):
 def test_a_model_packed_by_the_timing_runs_outside_inference_mode(monkeypatch):
     """`choose` times inside inference mode; the weights it packs must still serve an
     ordinary forward afterwards (inference tensors would raise there)."""
-    monkeypatch.setattr(kernels, "_time_forwards", lambda model, sizes, repeats: [
-        0.001 * (0.5 if kernels.current(model) == "packed" else 1.0) for _ in sizes])
     model = make_model("llama")
-    assert kernels.choose(model, 8)[0] == "packed"
+    timing = budget.timing(model, 8)  # real forwards, inside inference mode; packed made to look faster
+    assert kernels.choose(model, lambda: [t * (0.5 if kernels.current(model) == "packed" else 1.0)
+                                          for t in timing()])[0] == "packed"
     model(input_ids=torch.arange(6)[None])  # grad mode on, no inference mode

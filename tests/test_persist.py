@@ -169,3 +169,18 @@ def test_the_budget_calibration_is_saved_with_the_trie(tmp_path):
     for bad in (learned.state()[:-1], -learned.state(), np.full_like(learned.state(), np.nan)):
         with pytest.raises(ValueError, match="calibration"):
             Calibration().restore(bad)
+
+
+def test_the_vocabulary_fingerprint_is_hashed_once_per_tokenizer_until_tokens_are_added():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(50)} | {"[UNK]": 50}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")))
+    read = []
+    get_vocab = tokenizer.get_vocab
+    tokenizer.get_vocab = lambda: read.append(1) or get_vocab()
+    first = fingerprint(tokenizer, 51)
+    assert fingerprint(tokenizer, 51) == first and len(read) == 1  # hashed once
+    tokenizer.add_tokens(["brand-new"])
+    assert fingerprint(tokenizer, 52).split(":")[1] != first.split(":")[1] and len(read) == 2

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .kernels import current as current_kernels
+from .kernels import current as current_kernels, warm
 from .kv import keep_paths
 from .masks import Row, context_length, forward, pack, with_cache
 from .tree import KINDS, TRIE, TokenTree
@@ -117,6 +117,10 @@ class CostModel:
             curves[key] = saved if saved is not None else cls.measure(model, config, max_tokens)
         return curves[key]
 
+    def timed(self) -> list[float]:
+        """The seconds of the sizes timed or confirmed by a forward of their own."""
+        return [t for t, c in zip(self.seconds, self.confirmed) if c]
+
     @classmethod
     @torch.inference_mode()
     def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 1,
@@ -127,10 +131,13 @@ class CostModel:
         time); and, if `long_context` > `context`, of 1 and `max_tokens` tokens after
         `long_context` (`per_context`). The curve holds every size up to `max_tokens`: the
         timed ones confirmed, the others on the line between them for real steps to
-        confirm. The defaults are an engine's cold start: a few forwards, not one per size."""
+        confirm. The defaults are an engine's cold start: a few forwards, not one per size.
+        Every linear shape is first run once at each size (kernels.warm), so that no
+        kernel's first-call cost is timed."""
         sizes = list(range(1, min(every, max_tokens) + 1))
         while sizes[-1] < max_tokens:
             sizes.append(min(sizes[-1] * 2, max_tokens))
+        warm(model, sizes)
         cache = DynamicCache()
         vocab = model.get_output_embeddings().weight.shape[0]
         ids = torch.arange(context, device=model.device)[None] % vocab
@@ -166,6 +173,14 @@ class CostModel:
         every_size = list(range(1, max_tokens + 1))
         return cls(every_size, [timed_curve(n) for n in every_size], context=context, per_context=per_context,
                    confirmed=[n in sizes for n in every_size])
+
+
+def timing(model, max_tokens: int) -> Callable[[], list[float]]:
+    """What kernels.use times to choose a model's kernels: the cold cost curve of the
+    kernels the model is on (`CostModel.of`, so the chosen kernels' curve is the one the
+    engine's budget then starts from, and a cold start times each kernel once)."""
+    config = model.config.get_text_config()
+    return lambda: CostModel.of(model, config, max_tokens).timed()
 
 
 def _lengthen(cache: DynamicCache, length: int) -> None:

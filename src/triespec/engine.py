@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StopStringCriteria
 
-from .budget import Budget, CostModel, Watched
+from .budget import Budget, CostModel, Watched, timing
 from .budget_store import BudgetStore, KernelStore, directory
 from .drafters import Drafter, NoDraft, TrieDrafter, build, check_drafter
 from .kernels import check as check_kernels, use as use_kernels
@@ -108,11 +108,11 @@ class Engine:
         self.context_length = context_length(self.config)
         self.eos_ids = _eos_ids(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        # the kernels first: the cost curve and the budget's key belong to them
+        check_tree_attention(model)  # before any tree forward, timings included
+        # the kernels next: the cost curve and the budget's key belong to them
         most = self.drafter.decoding_length + 1
         store = KernelStore.open(budget_cache, model, tokenizer, most) if kernels == "auto" else None
-        self.kernels = use_kernels(model, kernels, most, store)
-        check_tree_attention(model)
+        self.kernels = use_kernels(model, kernels, store, timing(model, most))
         # adaptive: cut each tree to the size that pays on this machine (needs drafter scores)
         self.budget: Budget | None = None
         self.budget_store: BudgetStore | None = None  # where the budget is kept between runs (None: nowhere)
@@ -151,7 +151,7 @@ class Engine:
         def load_draft(path):
             draft, draft_tokenizer = load(path, dtype=dtype, device=device)
             store = KernelStore.open(budget_cache, draft, draft_tokenizer, DRAFT_TOKENS) if kernels == "auto" else None
-            use_kernels(draft, kernels, DRAFT_TOKENS, store)
+            use_kernels(draft, kernels, store, timing(draft, DRAFT_TOKENS))
             return draft, draft_tokenizer
 
         paths = [] if draft_model is None else [draft_model] if isinstance(draft_model, (str, bytes)) or not \

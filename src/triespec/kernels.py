@@ -31,9 +31,7 @@ rounding, as in bf16.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import time
 import warnings
 import weakref
 
@@ -47,7 +45,6 @@ from triespec import pages
 CHOICES = ("auto", "torch", "packed")
 TESTED_TORCH = ("2.13.",)  # releases the private oneDNN ops are used with
 DTYPES = (torch.float32, torch.bfloat16)
-WARM_SIZES = (1, 2, 4, 8, 16, 32, 33)  # the forwards a cold cost curve times (budget.CostModel.measure)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # max |packed - F.linear| of the start-up check
 
 log = logging.getLogger(__name__)
@@ -193,18 +190,20 @@ def set_kernels(model: nn.Module, kernels: str) -> str:
     if why is not None:
         warnings.warn(f"triespec: using torch's kernels: {why}", RuntimeWarning, stacklevel=2)
         return "torch"
-    warm(model, WARM_SIZES)
     return "packed"
 
 
-def use(model: nn.Module, kernels: str = "auto", max_tokens: int = 33, store=None) -> str:
+def use(model: nn.Module, kernels: str = "auto", store=None, measure=None) -> str:
     """Put `model` on the kernels asked for and return which it runs on.
 
     kernels: "torch", "packed" (falls back to "torch" with a warning where it cannot
-    run), or "auto": the faster of the two for forwards of 1 .. `max_tokens` tokens
-    (`choose`), timed once per model in a process and, given a `store` (an object with
-    `load() -> str | None` and `save(choice, seconds)`, as budget_store.KernelStore),
-    once per model and machine: a second start reads the choice and times nothing.
+    run), or "auto": the faster of the two by `measure` (`choose`), once per model in a
+    process and, given a `store` (an object with `load() -> str | None` and
+    `save(choice, seconds)`, as budget_store.KernelStore), once per model and machine: a
+    second start reads the choice and times nothing. `measure()`: the seconds of the
+    forwards the caller will run, timed on the kernels the model is on (the engine's is
+    its cold cost curve, budget.CostModel.measure, so that timing the two kernels is
+    all the timing a cold start does); needed for "auto" only.
     """
     check(kernels)
     if kernels != "auto":
@@ -220,7 +219,9 @@ def use(model: nn.Module, kernels: str = "auto", max_tokens: int = 33, store=Non
     if saved in ("torch", "packed"):
         _CHOSEN[model] = saved
         return set_kernels(model, saved)
-    choice, seconds = choose(model, max_tokens)
+    if measure is None:
+        raise ValueError("kernels='auto' needs measure: a function timing the model's forwards")
+    choice, seconds = choose(model, measure)
     _CHOSEN[model] = choice
     if store is not None:
         store.save(choice, seconds)
@@ -229,66 +230,36 @@ def use(model: nn.Module, kernels: str = "auto", max_tokens: int = 33, store=Non
 
 @torch.inference_mode()
 def warm(model: nn.Module, sizes) -> None:
-    """Call each distinct packed shape once with each number of rows in `sizes`: oneDNN
-    makes (JIT-compiles) a kernel the first time it sees a shape and a row count, some
-    milliseconds each, and a cost curve timed with those in it would price packed
-    forwards too dear."""
+    """Call each distinct linear shape once with each number of rows in `sizes`, on the
+    kernels it runs on: oneDNN makes (JIT-compiles) a kernel the first time it sees a
+    shape and a row count (for packed weights, and for torch's own bf16 products), some
+    milliseconds each, and a cost curve timed with those in it would price the sizes
+    too dear."""
     seen = set()
     for module in model.modules():
-        if isinstance(module, PackedLinear) and (key := (module.in_features, module.out_features,
-                                                         module.weight.dtype)) not in seen:
+        if isinstance(module, (PackedLinear, nn.Linear)) and (key := (
+                type(module), module.in_features, module.out_features, module.weight.dtype)) not in seen:
             seen.add(key)
             for n in sizes:
-                module(torch.zeros(n, module.in_features, dtype=module.weight.dtype))
+                module(torch.zeros(n, module.in_features, dtype=module.weight.dtype, device=module.weight.device))
 
 
-def sizes_to_time(max_tokens: int) -> list[int]:
-    """The forward sizes `choose` times: 1, 2, 4, ... and `max_tokens` itself."""
-    sizes = [1]
-    while sizes[-1] * 2 < max_tokens:
-        sizes.append(sizes[-1] * 2)
-    return sizes + ([max_tokens] if max_tokens > 1 else [])
-
-
-def choose(model: nn.Module, max_tokens: int = 33, repeats: int = 2) -> tuple[str, dict]:
-    """Time the model's forwards of `sizes_to_time(max_tokens)` tokens on both kernels (the
-    fastest of `repeats` passes, after a warm-up of each size), leave the model on the faster by
-    the sum over the sizes (ties go to torch's), and return (choice, {kernels: seconds}).
-    The sum weighs every size the engine may verify alike; one notice line says what was
-    chosen and why."""
-    sizes = sizes_to_time(max_tokens)
+def choose(model: nn.Module, measure) -> tuple[str, dict]:
+    """Time the model's forwards on both kernels (`measure()`: seconds per forward size,
+    on the kernels the model is on), leave it on the faster by the sum over the sizes
+    (ties go to torch's), and return (choice, {kernels: seconds}). The sum weighs every
+    size the engine may verify alike; one notice line says what was chosen and why."""
     timings = {}
     for kernels in ("torch", "packed"):
         if set_kernels(model, kernels) != kernels:  # packing failed (warned): torch it is
             return "torch", timings
-        timings[kernels] = _time_forwards(model, sizes, repeats)
+        timings[kernels] = [float(t) for t in measure()]
     total = {k: sum(v) for k, v in timings.items()}
     choice = "packed" if total["packed"] < total["torch"] else "torch"
     set_kernels(model, choice)
-    log.info("triespec: kernels: %s (forwards of %s tokens: torch %.3f s, packed %.3f s)", choice,
-             ",".join(map(str, sizes)), total["torch"], total["packed"])
+    log.info("triespec: kernels: %s (forwards timed: torch %.3f s, packed %.3f s)", choice,
+             total["torch"], total["packed"])
     return choice, timings
-
-
-@torch.inference_mode()  # the forwards only: weights packed here would be inference tensors, unusable outside
-def _time_forwards(model: nn.Module, sizes: list[int], repeats: int) -> list[float]:
-    """Seconds of a forward over n tokens (no cache, logits of every token), best of
-    `repeats` passes over all the sizes, after a warm-up forward of each."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-
-    def run(n: int) -> float:
-        ids = (torch.arange(n, device=model.device)[None] * 7 + 3) % vocab
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False, **({"logits_to_keep": n} if keep else {}))
-        return time.perf_counter() - start
-
-    for n in sizes:
-        run(n)
-    best = [float("inf")] * len(sizes)
-    for _ in range(repeats):
-        best = [min(b, run(n)) for b, n in zip(best, sizes)]
-    return best
 
 
 def _no_room(model: nn.Module) -> str | None:
