@@ -209,6 +209,12 @@ def test_the_cold_curve_is_timed_on_warm_kernels(monkeypatch):
     shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)}
     assert sorted(seen) == sorted((k, n, rows) for k, n in shapes for rows in (1, 3))  # each shape once per size
 
+    class Quantized(nn.Linear):  # a subclass may want other inputs: warm leaves it alone
+        def forward(self, x):
+            raise AssertionError("warm called a linear subclass")
+
+    kernels.warm(nn.Sequential(Quantized(4, 4), nn.Linear(4, 4)), [1, 2])
+
 
 def test_the_budget_key_names_the_kernels(tmp_path):
     model = make_model("llama")

@@ -234,11 +234,12 @@ def warm(model: nn.Module, sizes) -> None:
     kernels it runs on: oneDNN makes (JIT-compiles) a kernel the first time it sees a
     shape and a row count (for packed weights, and for torch's own bf16 products), some
     milliseconds each, and a cost curve timed with those in it would price the sizes
-    too dear."""
+    too dear. Plain float nn.Linear layers only: a subclass (a quantized one) may want
+    other inputs."""
     seen = set()
     for module in model.modules():
-        if isinstance(module, (PackedLinear, nn.Linear)) and (key := (
-                type(module), module.in_features, module.out_features, module.weight.dtype)) not in seen:
+        if (isinstance(module, PackedLinear) or type(module) is nn.Linear and module.weight.is_floating_point()) \
+                and (key := (type(module), module.in_features, module.out_features, module.weight.dtype)) not in seen:
             seen.add(key)
             for n in sizes:
                 module(torch.zeros(n, module.in_features, dtype=module.weight.dtype, device=module.weight.device))
