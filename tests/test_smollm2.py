@@ -147,6 +147,16 @@ def test_cli_streams_the_same_text(engine):
     assert "tokens/step" in done.stderr
 
 
+def test_cli_says_what_a_first_start_times_and_a_second_says_nothing(tmp_path):
+    first = run_cli("generate", "--budget-cache", str(tmp_path), "--max-new-tokens", "4", "Hi")
+    assert first.returncode == 0, first.stderr
+    assert "triespec: timing forwards of 1, 2, 4, 8, 16, 32, 33 tokens (torch kernels)" in first.stderr
+    assert "triespec: kernels: " in first.stderr  # auto's choice, with both timings
+    second = run_cli("generate", "--budget-cache", str(tmp_path), "--max-new-tokens", "4", "Hi")
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert "timing" not in second.stderr and "kernels:" not in second.stderr
+
+
 def test_loads_a_local_folder(engine):
     from triespec.loading import dense_copy
     from pathlib import Path

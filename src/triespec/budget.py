@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 import time
 import weakref
 from typing import Callable
@@ -37,6 +38,7 @@ from .masks import Row, context_length, forward, pack, with_cache
 from .tree import KINDS, TRIE, TokenTree
 
 
+log = logging.getLogger(__name__)
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(max_tokens, kernels): CostModel}
 
 
@@ -137,6 +139,8 @@ class CostModel:
         sizes = list(range(1, min(every, max_tokens) + 1))
         while sizes[-1] < max_tokens:
             sizes.append(min(sizes[-1] * 2, max_tokens))
+        log.info("triespec: timing forwards of %s tokens (%s kernels)", ", ".join(map(str, sizes)),
+                 current_kernels(model))
         warm(model, sizes)
         cache = DynamicCache()
         vocab = model.get_output_embeddings().weight.shape[0]

@@ -127,6 +127,7 @@ def _generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _quiet_transformers()
+    _notices()
     drafting = dict(draft_model=args.draft_model, drafter=args.drafter)
     if (args.drafter or ("hybrid" if args.draft_model else "trie")) in ("trie", "hybrid"):  # trie settings
         drafting.update(decoding_length=args.decoding_length, branch_length=args.branch_length, mode=args.mode)
@@ -341,6 +342,19 @@ def _warm(args) -> int:
     size = save_trie(engine.drafter.memory, args.trie, fp, calibration)
     print(f"learned {count} answers; {args.trie}: {len(engine.drafter.memory)} nodes, {size} bytes", file=sys.stderr)
     return 0
+
+
+def _notices() -> None:
+    """triespec's own notices on stderr, as bare lines: a first start says what it times
+    and which kernels it chose (a start with the budget saved says nothing)."""
+    import logging
+
+    logger = logging.getLogger("triespec")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _quiet_transformers() -> None:
