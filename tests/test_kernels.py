@@ -307,6 +307,29 @@ def test_modelled_speedups_price_each_method_by_its_own_kernels_curve():
     assert summary["plain"]["speedup_modelled"] == 1.0 and summary["plain-packed"]["speedup_modelled"] == 2.0
 
 
+def test_curves_timed_once_are_put_on_one_footing_by_what_each_kernels_took_in_the_run():
+    """Each kernels' curve is timed once, at the start; a modelled comparison across kernels
+    scales each to the median of what its forwards took over the run (here torch's timing
+    caught a quiet moment: it priced 1.0 s what took 2.0 s through the run)."""
+    from triespec.bench import harness
+
+    def record(method, kernels_used, taken):
+        fed = [10] + [1] * 8
+        return dict(workload="qa", task="qa/0", turn=0, method=method, prompt_tokens=10, new_tokens=len(fed),
+                    seconds=1.0, tokens_per_step=[1] * len(fed), draft_seconds=0.0, peak_mb=1.0,
+                    token_ids=[5] * len(fed), fed=fed, cached=[0] + list(range(10, 18)),
+                    forward_seconds=[3.0] + [taken] * 8, kernels=kernels_used)
+
+    curves = {k: {"context": 10, "sizes": [1, 8], "seconds": [1.0, 1.0]} for k in ("torch", "packed")}
+    results = {"oracle": {"qa": {"cold": {"tokens_per_step": 1.0}, "warm": {"tokens_per_step": 1.0}}},
+               "cost_curve": curves["torch"], "cost_curves": curves,
+               "records": [record("plain", "torch", 2.0), record("plain-packed", "packed", 1.0)]}
+    assert harness.summarise(results)["qa"]["plain-packed"]["speedup_modelled"] == 2.0
+    # one kernels: priced as timed (a common scale would cancel)
+    results["records"] = [record("plain", "torch", 2.0), {**record("plain-packed", "torch", 1.0)}]
+    assert harness.summarise(results)["qa"]["plain-packed"]["speedup_modelled"] == 1.0
+
+
 @pytest.mark.parametrize("damage", ["garbage", "foreign", "no choice"])
 def test_a_damaged_kernel_choice_is_ignored_with_a_warning_and_timed_again(tmp_path, monkeypatch, damage):
     import json

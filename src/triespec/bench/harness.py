@@ -327,8 +327,35 @@ FIGURES = {"speedup": "wall", "speedup_decode": "after_prefill", "speedup_modell
 
 def _curves(results: dict) -> dict[str, dict]:
     """The run's cost curves by the kernels they were measured on (runs before 2026-12-03
-    measured torch's only)."""
-    return results.get("cost_curves") or ({"torch": results["cost_curve"]} if results.get("cost_curve") else {})
+    measured torch's only). Where methods ran on more than one kernels, each curve is
+    scaled to what its kernels' forwards took over the whole run (`_level`): each was timed
+    once, at the start, and one timing of a shared machine can be a third off the run's
+    (torch's one-token forward 187 ms at the start of docs/benchmarks/p27-packed, 280 ms
+    in the median of plain's 991), which would price one kernels against the other by
+    that moment. Within one kernels a scale cancels, so those runs are priced as timed."""
+    curves = results.get("cost_curves") or ({"torch": results["cost_curve"]} if results.get("cost_curve") else {})
+    ran = {r.get("kernels", "torch") for r in results["records"]}
+    if len(ran) < 2:
+        return curves
+    scaled = {}
+    for kernels, curve in curves.items():
+        level = _level([r for r in results["records"] if r.get("kernels", "torch") == kernels], curve)
+        scaled[kernels] = {**curve, "seconds": [t * level for t in curve["seconds"]],
+                           "per_context": [t * level for t in curve.get("per_context", (0.0, 0.0))]}
+    return scaled
+
+
+def _level(records: list[dict], curve: dict) -> float:
+    """The median over `records`' forwards after their prefill of seconds taken / seconds
+    the curve prices (1 without any): the methods on one kernels run interleaved with the
+    others through the run, so their medians meet the same machine."""
+    from ..budget import CostModel
+
+    cost = CostModel(curve["sizes"], curve["seconds"], context=curve["context"],
+                     per_context=curve.get("per_context", (0.0, 0.0)))
+    ratios = [taken / cost(fed, cached) for r in records if r.get("forward_seconds") and r.get("cached")
+              for taken, fed, cached in zip(r["forward_seconds"][1:], r["fed"][1:], r["cached"][1:])]
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def _priced(records: list[dict], figure: str, curves: dict[str, dict]) -> tuple[float, float] | None:
