@@ -191,6 +191,18 @@ def test_auto_keeps_the_faster_by_timing_and_remembers_it(tmp_path, monkeypatch)
     assert engine.budget.cost.seconds == pytest.approx([0.001, 0.009])
 
 
+def test_the_kernels_are_compared_at_the_same_sizes_whatever_real_steps_confirmed():
+    """A curve already refined by real steps (another engine of the model, same process)
+    holds more confirmed sizes than a fresh one: both kernels are priced at the sizes a
+    cold curve times, so their sums compare like with like."""
+    model = make_model("llama")
+    timing = budget.timing(model, 9)
+    fresh = timing()
+    assert len(fresh) == len(budget.timed_sizes(9)) == 5
+    budget.CostModel.of(model, model.config.get_text_config(), 9).observe(3, 1e-4)  # a real step confirms size 3
+    assert len(timing()) == 5
+
+
 def test_the_cold_curve_is_timed_on_warm_kernels(monkeypatch):
     """oneDNN makes a kernel the first time it sees a shape and a row count: the curve's
     timing runs every linear shape at every size it times before timing it."""

@@ -119,10 +119,6 @@ class CostModel:
             curves[key] = saved if saved is not None else cls.measure(model, config, max_tokens)
         return curves[key]
 
-    def timed(self) -> list[float]:
-        """The seconds of the sizes timed or confirmed by a forward of their own."""
-        return [t for t, c in zip(self.seconds, self.confirmed) if c]
-
     @classmethod
     @torch.inference_mode()
     def measure(cls, model, config, max_tokens: int, context: int = 64, repeats: int = 1,
@@ -136,9 +132,7 @@ class CostModel:
         confirm. The defaults are an engine's cold start: a few forwards, not one per size.
         Every linear shape is first run once at each size (kernels.warm), so that no
         kernel's first-call cost is timed."""
-        sizes = list(range(1, min(every, max_tokens) + 1))
-        while sizes[-1] < max_tokens:
-            sizes.append(min(sizes[-1] * 2, max_tokens))
+        sizes = timed_sizes(max_tokens, every)
         log.info("triespec: timing forwards of %s tokens (%s kernels)", ", ".join(map(str, sizes)),
                  current_kernels(model))
         warm(model, sizes)
@@ -184,7 +178,19 @@ def timing(model, max_tokens: int) -> Callable[[], list[float]]:
     kernels the model is on (`CostModel.of`, so the chosen kernels' curve is the one the
     engine's budget then starts from, and a cold start times each kernel once)."""
     config = model.config.get_text_config()
-    return lambda: CostModel.of(model, config, max_tokens).timed()
+    sizes = timed_sizes(max_tokens)
+    # priced at the sizes a cold curve times: a curve real steps refined holds more, and
+    # both kernels must be summed over the same ones
+    return lambda: [CostModel.of(model, config, max_tokens)(n) for n in sizes]
+
+
+def timed_sizes(max_tokens: int, every: int = 2) -> list[int]:
+    """The forward sizes `CostModel.measure` times: 1 .. `every`, then doubling up to
+    `max_tokens` itself."""
+    sizes = list(range(1, min(every, max_tokens) + 1))
+    while sizes[-1] < max_tokens:
+        sizes.append(min(sizes[-1] * 2, max_tokens))
+    return sizes
 
 
 def _lengthen(cache: DynamicCache, length: int) -> None:

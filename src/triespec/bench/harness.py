@@ -228,12 +228,9 @@ def modelled(records: list[dict], curve: dict) -> tuple[float, float] | None:
     run's cost curve at its own context and the drafting time as measured: free of the
     machine's load between methods. None if a record did not count its forwards. (Runs
     before 2026-11-27 measured one context, and priced every forward at it.)"""
-    from ..budget import CostModel
-
     if not all(r.get("fed") for r in records):
         return None
-    cost = CostModel(curve["sizes"], curve["seconds"], context=curve["context"],
-                     per_context=curve.get("per_context", (0.0, 0.0)))
+    cost = _cost_model(curve)
     tokens = _decoded(records)
     seconds = sum(sum(cost(f, c) for f, c in zip(r["fed"][1:], r.get("cached", [None] * len(r["fed"]))[1:]))
                   + r["draft_seconds"] for r in records)
@@ -248,6 +245,14 @@ def after_prefill(records: list[dict]) -> tuple[float, float] | None:
     if not all(r.get("forward_seconds") for r in records):
         return None
     return _decoded(records), sum(r["seconds"] - r["forward_seconds"][0] for r in records)
+
+
+def _cost_model(curve: dict):
+    """The budget.CostModel a run's stored curve describes."""
+    from ..budget import CostModel
+
+    return CostModel(curve["sizes"], curve["seconds"], context=curve["context"],
+                     per_context=curve.get("per_context", (0.0, 0.0)))
 
 
 def _decoded(records: list[dict]) -> int:
@@ -349,10 +354,7 @@ def _level(records: list[dict], curve: dict) -> float:
     """The median over `records`' forwards after their prefill of seconds taken / seconds
     the curve prices (1 without any): the methods on one kernels run interleaved with the
     others through the run, so their medians meet the same machine."""
-    from ..budget import CostModel
-
-    cost = CostModel(curve["sizes"], curve["seconds"], context=curve["context"],
-                     per_context=curve.get("per_context", (0.0, 0.0)))
+    cost = _cost_model(curve)
     ratios = [taken / cost(fed, cached) for r in records if r.get("forward_seconds") and r.get("cached")
               for taken, fed, cached in zip(r["forward_seconds"][1:], r["fed"][1:], r["cached"][1:])]
     return statistics.median(ratios) if ratios else 1.0
