@@ -19,6 +19,12 @@ Prompts are the records' own (`prompt_ids`) where every plain record carries the
 they are rebuilt from the benchmark's data sets with the run model's tokenizer, as the
 harness built them.
 
+`--start-load 16:2,32:2` starts the adaptive budget as a cold start would (the sizes
+`CostModel.measure` times, no real step seen yet), each listed size timed that many
+times dearer than the charge: a burst of load while the start-up timed it.
+`--no-probes` turns the budget's probes of sizes no real step has shown off, to see
+what they are worth.
+
 Where the run timed its forwards (`forward_seconds`), steps are charged by what forwards
 of each size really took: the curve times the median ratio of the run's forwards of
 that size to it. The adaptive cut still decides by the start-up curve, refined by each
@@ -40,7 +46,7 @@ from transformers import AutoTokenizer
 
 from triespec.bench import workloads as W
 from triespec.bench.harness import answer_text, chat_prompt, model_path
-from triespec.budget import Calibration, CostModel
+from triespec.budget import Budget, Calibration, CostModel, timed_sizes
 from triespec.replay import replay
 
 FP32_CURVE = "1:0.519,2:1.135,4:1.525,8:1.601,16:2.117,32:2.814"
@@ -96,12 +102,29 @@ def recorded_curve(results: dict, cost: CostModel, least: int = 5) -> CostModel 
                      per_context=cost.per_context)
 
 
+def cold_start(charge: CostModel, most: int, load: dict[int, float]) -> CostModel:
+    """The curve a cold start would time from a machine whose forwards cost `charge`: the
+    sizes CostModel.measure times, each `load[size]` times dearer, the rest on the line
+    between them, no size stepped."""
+    timed = timed_sizes(most)
+    line = CostModel(timed, [charge(n) * load.get(n, 1.0) for n in timed], context=charge.context,
+                     per_context=charge.per_context)
+    every = list(range(1, most + 1))
+    return CostModel(every, [line(n) for n in every], context=charge.context, per_context=charge.per_context,
+                     confirmed=[n in timed for n in every], stepped=[False] * most)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="results.json of a triespec bench run with a `plain` method")
     parser.add_argument("--curve", help="tokens:seconds pairs of the forward cost (default: the run's own)")
     parser.add_argument("--sizes", default="4,8,16,32", help="fixed decoding lengths to compare")
+    parser.add_argument("--start-load", metavar="SIZE:FACTOR,...",
+                        help="start the adaptive budget cold, these timed sizes that many times dearer")
+    parser.add_argument("--no-probes", action="store_true", help="the budget probes no size")
     args = parser.parse_args()
+    if args.no_probes:
+        Budget.probe_share = -1.0  # no probe's spending is ever within a negative share
     torch.set_num_threads(1)  # the replay's tensors are small: on a busy machine more threads only wait on each other
     results = json.load(open(args.results))
     if "cost_curve" in results and not args.curve:
@@ -120,6 +143,9 @@ def main() -> None:
     charge = measured or cost
     calibration = Calibration()  # one for the whole run, as the harness carries it across workloads
     decide = copy.deepcopy(cost) if measured else cost  # the adaptive's own curve, refined as it goes
+    if args.start_load is not None:
+        load = {int(n): float(x) for n, x in (p.split(":") for p in args.start_load.split(","))}
+        decide = cold_start(charge, max(sizes) + 1, load)
     for workload, generations in recorded(results).items():
         cells = [replay(generations, charge, adaptive=False, decoding_length=s) for s in sizes]
         cells.append(replay(generations, charge, calibration, cost=decide, decoding_length=max(sizes)))

@@ -10,7 +10,7 @@ import triespec.budget as budget
 from triespec import Engine, TokenTree
 from triespec.tree import MODEL, TRIE
 from triespec.drafters import Drafter, DraftSession, MergedDrafter, ModelDrafter, TrieDrafter
-from triespec.budget import Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label
+from triespec.budget import Budget, Calibration, CostModel, Gate, Watched, best_size, best_sizes, edges, label
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -454,6 +454,7 @@ def test_a_cold_start_times_only_a_few_sizes(monkeypatch):
         assert fed == ([(1, 64)] + [(n, 64) for n in timed]) * timings  # a warm-up, then each size once
         assert engine.budget.cost.sizes == list(range(1, 34))
         assert engine.budget.cost.confirmed == [n in timed for n in range(1, 34)]
+        assert engine.budget.cost.stepped == [False] * 33  # timed, but no real step has shown a size yet
 
 
 def test_a_first_real_step_confirms_a_size_and_takes_a_lower_time_whole():
@@ -465,3 +466,62 @@ def test_a_first_real_step_confirms_a_size_and_takes_a_lower_time_whole():
     assert cost.seconds[2] == pytest.approx(2.25 + 0.2 * 1.0) and cost.confirmed[2]
     cost.observe(3, 1.0)  # confirmed: smoothing both ways
     assert cost.seconds[2] == pytest.approx(2.45 + 0.2 * (1.0 - 2.45))
+
+
+def test_a_size_only_timed_at_start_takes_its_first_real_step_whole():
+    # the start-up timed 4 tokens in a burst of load: confirmed, but no real step seen
+    cost = CostModel([1, 2, 4], [1.0, 1.1, 4.0], stepped=[True, True, False])
+    assert cost.unstepped(2, 4) == 4 and cost.unstepped(4, 8) is None and cost.unstepped(1, 3) is None
+    cost.observe(4, 1.2)
+    assert cost.seconds[2] == pytest.approx(1.2) and cost.stepped[2]
+    cost.observe(4, 2.2)  # now like any step: by smoothing
+    assert cost.seconds[2] == pytest.approx(1.2 + 0.2 * 1.0)
+    assert CostModel([1, 2], [1.0, 1.0]).stepped == [True, True]  # a curve given whole is known
+    # what the cut could choose were the unshown sizes too dear: none cheaper than a smaller shown one
+    hopeful = CostModel([1, 2, 4, 8], [1.0, 2.0, 4.0, 9.0], stepped=[True, False, True, False]).hopeful()
+    assert hopeful.seconds == [1.0, 1.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="stepped"):
+        CostModel([1, 2], [1.0, 1.0], confirmed=[True, False], stepped=[True, True])
+
+
+def test_at_least_grows_a_batch_by_its_likeliest_nodes():
+    linear = CostModel([1, 64], [1.0, 64.0])  # no draft pays
+    trees = [scored_chain([0.9, 0.9]), scored_chain([0.95, 0.2])]
+    assert best_sizes(trees, 2, linear, Exact()) == [0, 0]
+    assert best_sizes(trees, 2, linear, Exact(), at_least=5) == [2, 1]  # 0.95, 0.9, 0.81
+    assert best_sizes(trees, 2, linear, Exact(), at_least=99) == [2, 2]  # as many as the trees hold
+
+
+def test_a_budget_probes_a_size_no_real_step_has_shown():
+    # Flat in truth, but the start-up timed 8 tokens in a burst of load: the cut avoids 8
+    # and, without a real step of it, would for good.
+    cost = CostModel([1, 2, 4, 8], [1.0, 1.0, 1.0, 3.0], stepped=[True, True, True, False])
+    budget_ = Budget(cost, calibration=Exact())
+    chain = scored_chain([0.9] * 7)
+    assert best_sizes([chain], 1, cost, Exact()) == [3]  # 4 tokens fed: the cut alone
+    assert budget_.plan([chain], 1) == [7]  # grown to the 8 tokens no step has shown
+    budget_.observe(8, 1.0, None)
+    assert cost(8) == 1.0 and cost.stepped == [True] * 4
+    assert budget_.plan([chain], 1) == [7]  # now by the cut itself
+    # Steep, 8 priced 9.0: a probe only where 8 tokens would pay at 4 tokens' price (4.0)
+    cost = CostModel([1, 2, 4, 8], [1.0, 2.0, 4.0, 9.0], stepped=[True, True, True, False])
+    assert Budget(cost, calibration=Exact()).plan([scored_chain([0.2] * 7)], 1) == [0]
+    assert Budget(cost, calibration=Exact()).plan([scored_chain([0.99] * 7)], 1) == [7]
+    assert best_sizes([scored_chain([0.99] * 7)], 1, cost, Exact()) == [0]
+
+
+def test_probes_spend_at_most_their_share_of_the_forwards():
+    cost = CostModel([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 3.0, 6.0], stepped=[True, True, True, False, False])
+    budget_ = Budget(cost, calibration=Exact())
+    chain = scored_chain([0.99] * 15)
+    assert budget_.plan([chain], 1) == [7]  # a probe of 8 tokens where the cut keeps 3 nodes
+    budget_.observe(8, 3.0, None)  # 8 tokens really cost 3.0: 2.0 more than the cut's 1.0
+    assert budget_.plan([chain], 1) == [3]  # 16 waits: probes spent 2.0 of 3.0
+    for _ in range(36):
+        budget_.observe(1, 1.0, None)
+    assert budget_.probe_share * budget_.spent < 2.0 and budget_.plan([chain], 1) == [3]
+    budget_.observe(1, 1.0, None)  # 2.0 <= 5% of 40.0
+    assert budget_.plan([chain], 1) == [15]
+    budget_.observe(16, 6.0, None)
+    budget_.observe(64, 50.0, None)  # a prefill is not decoding: it buys no probe
+    assert budget_.spent == 46.0 and budget_.probes_spent == 2.0 + 5.0

@@ -15,7 +15,7 @@ from triespec.cli import _budget_cache, build_parser
 
 def a_curve() -> CostModel:
     return CostModel([1, 2, 3, 4], [0.25, 0.5, 0.625, 0.75], context=64, per_context=(1e-5, 2e-6),
-                     confirmed=[True, True, False, True])
+                     confirmed=[True, True, False, True], stepped=[True, False, False, True])
 
 
 def learned() -> Calibration:
@@ -31,6 +31,7 @@ def test_the_store_round_trips_the_curve_and_the_calibration(tmp_path):
     cost, calibration = BudgetStore.open(tmp_path, model, None, 4).load()  # a store of the same key
     saved = a_curve()
     assert (cost.sizes, cost.seconds, cost.confirmed) == (saved.sizes, saved.seconds, saved.confirmed)
+    assert cost.stepped == saved.stepped
     assert (cost.context, cost.per_context) == (saved.context, saved.per_context)
     assert calibration.state().tolist() == learned().state().tolist()
     data = json.loads(next(tmp_path.iterdir()).read_text())
@@ -150,3 +151,15 @@ def test_the_command_line_flags():
     assert _budget_cache(parse(["serve", "--budget-cache", "/tmp/b"])) == "/tmp/b"
     with pytest.raises(SystemExit):
         parse(["generate", "--budget-cache", "/tmp/b", "--no-budget-cache", "hi"])
+
+
+def test_a_curve_saved_without_steps_kept_has_every_size_shown_again(tmp_path):
+    # files written before the curve kept which sizes real steps have shown
+    model = tiny_model("llama")
+    store = BudgetStore.open(tmp_path, model, None, 4)
+    store.save(a_curve(), learned())
+    data = json.loads(store.path.read_text())
+    del data["curve"]["stepped"]
+    store.path.write_text(json.dumps(data))
+    cost, _ = store.load()
+    assert cost.confirmed == a_curve().confirmed and cost.stepped == [False] * 4

@@ -49,7 +49,11 @@ class CostModel:
     size alone: matrix kernels work in blocks of rows, so a size between two timed ones
     can cost more than both, and only its own steps show it. `confirmed`: the size's
     time comes from a forward of exactly that size; the others lie on the line between
-    the confirmed ones around them.
+    the confirmed ones around them. `stepped`: a real step of that size has been seen. A
+    start-up timing is one forward, at the mercy of the load in that second; a size it
+    priced too dear is one the cut avoids, so only a real step of it (`unstepped`, which
+    the budget feeds now and then) can bring it down. A curve given whole (no flags) is
+    taken as known: every size confirmed and stepped.
 
     A forward after more cached tokens than `context` costs `per_context` = (a, b) more
     per cached token, a per forward and b per token fed (attention reads every cached
@@ -58,7 +62,8 @@ class CostModel:
     """
 
     def __init__(self, sizes: list[int], seconds: list[float], smoothing: float = 0.2, context: int = 0,
-                 per_context: tuple[float, float] = (0.0, 0.0), confirmed: list[bool] | None = None):
+                 per_context: tuple[float, float] = (0.0, 0.0), confirmed: list[bool] | None = None,
+                 stepped: list[bool] | None = None):
         if len(sizes) != len(seconds) or not sizes or sorted(sizes) != sizes:
             raise ValueError("CostModel needs ascending sizes with one time each")
         if len(per_context) != 2 or min(per_context) < 0:
@@ -67,7 +72,12 @@ class CostModel:
             raise ValueError(f"confirmed needs one flag per size ({len(sizes)}), got {len(confirmed)}")
         self.sizes, self.seconds, self.smoothing = list(sizes), list(seconds), smoothing
         self.context, self.per_context = context, tuple(per_context)
+        if stepped is not None and len(stepped) != len(sizes):
+            raise ValueError(f"stepped needs one flag per size ({len(sizes)}), got {len(stepped)}")
         self.confirmed = [True] * len(sizes) if confirmed is None else [bool(c) for c in confirmed]
+        self.stepped = list(self.confirmed) if stepped is None else [bool(c) for c in stepped]
+        if any(st and not c for st, c in zip(self.stepped, self.confirmed)):
+            raise ValueError("a stepped size is confirmed: a real step of it gave its time")
 
     def __call__(self, tokens: int, context: int | None = None) -> float:
         """Seconds for a forward over `tokens` tokens after `context` cached tokens (None:
@@ -85,19 +95,20 @@ class CostModel:
 
     def observe(self, tokens: int, seconds: float) -> None:
         """Move the curve towards a real step's time by `smoothing`: the size itself, or
-        the two around it, each by its share of the interpolation. The first step of an
-        unconfirmed size confirms it and, if faster than the line, takes its time whole: a
-        size priced too dear is one the cut avoids, so nothing else would bring it down.
-        Unconfirmed sizes then follow the line between their confirmed neighbours."""
+        the two around it, each by its share of the interpolation. The first real step of
+        a size (interpolated, or only timed at start-up) confirms it and, if faster than
+        its price, takes its time whole: a size priced too dear is one the cut avoids, so
+        nothing else would bring it down. Unconfirmed sizes then follow the line between
+        their confirmed neighbours."""
         s = self.sizes
         if tokens > s[-1]:
             return
         hi = bisect.bisect_left(s, tokens)
         w = 1.0 if tokens <= s[0] else (tokens - s[hi - 1]) / (s[hi] - s[hi - 1])
         error = seconds - self(tokens)
-        if s[hi] == tokens and not self.confirmed[hi]:
+        if s[hi] == tokens and not self.stepped[hi]:
             self.seconds[hi] += error if error < 0 else self.smoothing * error
-            self.confirmed[hi] = True
+            self.confirmed[hi] = self.stepped[hi] = True
         else:
             for i, share in ((hi - 1, 1.0 - w), (hi, w)):
                 if share > 0:
@@ -107,6 +118,22 @@ class CostModel:
             for i in range(lo + 1, hi):
                 w = (s[i] - s[lo]) / (s[hi] - s[lo])
                 self.seconds[i] = self.seconds[lo] + w * (self.seconds[hi] - self.seconds[lo])
+
+    def unstepped(self, above: int, most: int) -> int | None:
+        """The smallest size in (`above`, `most`] no real step has shown yet, if any."""
+        return next((n for n, st in zip(self.sizes, self.stepped) if above < n <= most and not st), None)
+
+    def hopeful(self) -> CostModel:
+        """This curve with each size no real step has shown priced at most as the largest
+        smaller size one has: what the cut could choose were the start-up's timings too
+        dear (a forward over more tokens costs no less)."""
+        seconds, floor = list(self.seconds), None
+        for i, stepped in enumerate(self.stepped):
+            if stepped:
+                floor = seconds[i]
+            elif floor is not None:
+                seconds[i] = min(seconds[i], floor)
+        return CostModel(self.sizes, seconds, context=self.context, per_context=self.per_context)
 
     @classmethod
     def of(cls, model, config, max_tokens: int, saved: CostModel | None = None) -> CostModel:
@@ -129,7 +156,7 @@ class CostModel:
         time); and, if `long_context` > `context`, of 1 and `max_tokens` tokens after
         `long_context` (`per_context`). The curve holds every size up to `max_tokens`: the
         timed ones confirmed, the others on the line between them for real steps to
-        confirm. The defaults are an engine's cold start: a few forwards, not one per size.
+        confirm; no size stepped yet. The defaults are an engine's cold start: a few forwards, not one per size.
         Every linear shape is first run once at each size (kernels.warm), so that no
         kernel's first-call cost is timed."""
         sizes = timed_sizes(max_tokens, every)
@@ -170,7 +197,7 @@ class CostModel:
         timed_curve = cls(sizes, seconds, context=context, per_context=per_context)
         every_size = list(range(1, max_tokens + 1))
         return cls(every_size, [timed_curve(n) for n in every_size], context=context, per_context=per_context,
-                   confirmed=[n in sizes for n in every_size])
+                   confirmed=[n in sizes for n in every_size], stepped=[False] * len(every_size))
 
 
 def timing(model, max_tokens: int) -> Callable[[], list[float]]:
@@ -300,11 +327,12 @@ def best_size(tree: TokenTree, pending: int, cost: CostModel, calibration: Calib
 
 
 def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: Calibration,
-               others: int = 0) -> list[int]:
+               others: int = 0, at_least: int = 0) -> list[int]:
     """For a batch sharing one forward: how many of each tree's first nodes to verify so
     that the forward yields the most expected tokens per second, `fed` tokens (every
     row's pending tokens, and any tree that is not cut) being fed anyway, and `others`
-    rows without a tree to cut yielding their one token too.
+    rows without a tree to cut yielding their one token too; `at_least` tokens fed in
+    all where the trees hold that many (the likeliest nodes added first, as always).
 
     Nodes are added one at a time, the likeliest next node of any row first, and the
     best prefix of that order is kept: under load (many rows already feeding a
@@ -327,6 +355,7 @@ def best_sizes(trees: list[TokenTree], fed: int, cost: CostModel, calibration: C
         rate = gain / cost(tokens)
         if rate > best_rate:
             best_rate, best_steps = rate, len(order)
+    best_steps = max(best_steps, min(len(order), at_least - fed))
     sizes = [0] * len(trees)
     for b in order[:best_steps]:
         sizes[b] += 1
@@ -422,12 +451,24 @@ class Budget:
     forward, `allow_costly` (whether draft models run this step) and `plan` (how many of
     each row's tree nodes to verify); after it, `observe` (what the step cost and gave).
     `cost` is the machine's forward cost curve; `costly`: the drafter runs forwards of
-    its own, which the gate weighs."""
+    its own, which the gate weighs.
+
+    A probe: where the cut would keep more nodes if the sizes no real step has shown cost
+    no more than the largest smaller one that has (`CostModel.hopeful`), the forward is
+    grown to the smallest such size above the cut (`CostModel.unstepped`). Each size is
+    probed once at most, so that a start-up timing caught by a burst of load cannot keep
+    a size out for good, and only where its price is what keeps it out. What probes cost
+    beyond the cut's own price is kept under `probe_share` of the decoding forwards' time
+    (prefills left out): a probe waits while they have spent more."""
+
+    probe_share = 0.05
 
     def __init__(self, cost: CostModel, costly: bool = False, calibration: Calibration | None = None):
         self.cost = cost
         self.calibration = calibration if calibration is not None else Calibration()
         self.gate = Gate(cost) if costly else None
+        self.spent = self.probes_spent = 0.0  # seconds of every forward; of what probes added to their cut's price
+        self.probed: int | None = None  # the size this step's cut chose, when the step probes
 
     def allow_costly(self) -> Callable[[TokenTree], bool] | None:
         """This step's rule for the drafters that cost forwards, one decision for every
@@ -440,13 +481,28 @@ class Budget:
         return lambda cheap: not gate.enough(1 + sum(self.calibration.reach(cheap)))
 
     def plan(self, trees: list[TokenTree], fed: int, others: int = 0) -> list[int]:
-        """How many of each tree's first nodes to verify in one forward (`best_sizes`)."""
-        return best_sizes(trees, fed, self.cost, self.calibration, others=others)
+        """How many of each tree's first nodes to verify in one forward (`best_sizes`),
+        grown now and then to a size no real step has shown (the class's docstring)."""
+        sizes = best_sizes(trees, fed, self.cost, self.calibration, others=others)
+        self.probed = None
+        chosen = fed + sum(sizes)
+        if self.probes_spent <= self.probe_share * self.spent and self.cost.unstepped(chosen, self.cost.sizes[-1]):
+            hoped = fed + sum(best_sizes(trees, fed, self.cost.hopeful(), self.calibration, others=others))
+            probe = self.cost.unstepped(chosen, hoped)
+            if probe is not None:
+                self.probed = chosen
+                sizes = best_sizes(trees, fed, self.cost, self.calibration, others=others, at_least=probe)
+        return sizes
 
     def observe(self, fed: int, seconds: float, drafted: tuple[int, int, float, int] | None) -> None:
         """A step fed `fed` tokens in `seconds`; `drafted`: (tokens yielded, pending tokens
         fed, drafting seconds, rows) when every row's costly drafters ran, for the gate
         (None otherwise)."""
+        if self.probed is not None:
+            self.probes_spent += max(seconds - self.cost(self.probed), 0.0)
+            self.probed = None
+        if fed <= self.cost.sizes[-1]:  # not a prefill: what decoding spends
+            self.spent += seconds
         self.cost.observe(fed, seconds)
         if self.gate is not None and drafted is not None:
             tokens, pending, draft_seconds, rows = drafted

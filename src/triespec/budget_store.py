@@ -8,7 +8,7 @@ linear layers run on (`kernels.current`: "torch" or "packed"), and the machine (
 what a forward costs depends on all of these. Weights are keyed by shape, not value, so
 two fine-tunes of one model share a file: the curve is the same for both, and the
 calibration forgets (`Calibration.observe`). The file holds the cost curve
-(`budget.CostModel`: sizes, seconds, which sizes are confirmed, the context it was
+(`budget.CostModel`: sizes, seconds, which sizes are confirmed and which stepped, the context it was
 measured after and the per-cached-token cost) and the calibration
 (`budget.Calibration.state()`), with a magic string, the format version and the full
 key, compared on loading: a file name is a hash, and two keys could share one.
@@ -162,6 +162,7 @@ class BudgetStore:
         read-only folder, a full disk) warns once and never stops a generation."""
         data = {"magic": MAGIC, "version": VERSION, "key": self.key,
                 "curve": {"sizes": cost.sizes, "seconds": cost.seconds, "confirmed": cost.confirmed,
+                          "stepped": cost.stepped,
                           "context": cost.context, "per_context": list(cost.per_context)},
                 "calibration": calibration.state().tolist()}
         try:
@@ -244,11 +245,15 @@ def _cost(curve: dict) -> CostModel:
         raise ValueError("seconds must be finite and > 0")
     if not all(isinstance(c, bool) for c in confirmed) or not any(confirmed):
         raise ValueError("confirmed must be flags, one size confirmed at least")
+    # a curve saved before `stepped` was kept: every size is shown by a real step again
+    stepped = curve.get("stepped", [False] * len(sizes))
+    if not all(isinstance(c, bool) for c in stepped):
+        raise ValueError("stepped must be flags")
     if not isinstance(context, int) or context < 0 or \
             not all(isinstance(t, (int, float)) and math.isfinite(t) for t in per_context):
         raise ValueError("context must be an integer >= 0 and per_context finite")
     return CostModel(sizes, [float(t) for t in seconds], context=context,
-                     per_context=tuple(float(t) for t in per_context), confirmed=confirmed)
+                     per_context=tuple(float(t) for t in per_context), confirmed=confirmed, stepped=stepped)
 
 
 def _calibration(state: list) -> Calibration:

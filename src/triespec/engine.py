@@ -80,7 +80,8 @@ class Engine:
     adaptive (the default) measures this machine's forward cost at start-up and cuts each
     tree to the size with the best expected tokens per second, down to none (budget.py);
     adaptive=False verifies every tree whole, `decoding_length` nodes at most. `cost`: a
-    cost curve to use instead of measuring one (tests, or a curve measured elsewhere).
+    cost curve to use instead of measuring one (tests, or a curve measured elsewhere; one
+    given whole is taken as known at every size: budget.CostModel).
     budget_cache: where the adaptive budget is kept between runs (budget_store.py): True,
     the default folder; a folder; False or None, nowhere (measured at every start).
     kernels: what the model's linear layers run on (kernels.py): "torch", torch's own;
