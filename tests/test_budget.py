@@ -492,6 +492,12 @@ def test_at_least_grows_a_batch_by_its_likeliest_nodes():
     assert best_sizes(trees, 2, linear, Exact(), at_least=99) == [2, 2]  # as many as the trees hold
 
 
+def spend(budget_: Budget, seconds: float) -> None:
+    """Plain steps of one token, a second each: what the budget's probes get a share of."""
+    for _ in range(round(seconds)):
+        budget_.observe(1, 1.0, None)
+
+
 def test_a_budget_probes_a_size_no_real_step_has_shown():
     # Flat in truth, but the start-up timed 8 tokens in a burst of load: the cut avoids 8
     # and, without a real step of it, would for good.
@@ -499,29 +505,37 @@ def test_a_budget_probes_a_size_no_real_step_has_shown():
     budget_ = Budget(cost, calibration=Exact())
     chain = scored_chain([0.9] * 7)
     assert best_sizes([chain], 1, cost, Exact()) == [3]  # 4 tokens fed: the cut alone
-    assert budget_.plan([chain], 1) == [7]  # grown to the 8 tokens no step has shown
+    # grown to the 8 tokens no step has shown: at 4 tokens' price it costs nothing more
+    assert budget_.plan([chain], 1) == [7]
     budget_.observe(8, 1.0, None)
     assert cost(8) == 1.0 and cost.stepped == [True] * 4
     assert budget_.plan([chain], 1) == [7]  # now by the cut itself
-    # Steep, 8 priced 9.0: a probe only where 8 tokens would pay at 4 tokens' price (4.0)
-    cost = CostModel([1, 2, 4, 8], [1.0, 2.0, 4.0, 9.0], stepped=[True, True, True, False])
-    assert Budget(cost, calibration=Exact()).plan([scored_chain([0.2] * 7)], 1) == [0]
-    assert Budget(cost, calibration=Exact()).plan([scored_chain([0.99] * 7)], 1) == [7]
-    assert best_sizes([scored_chain([0.99] * 7)], 1, cost, Exact()) == [0]
+    # Steep, 8 priced 9.0: a probe only where 8 tokens would pay at 4 tokens' price (4.0),
+    # and once the share of what decoding spent holds those 3.0 beyond the cut's 1.0
+    for score, grown in ((0.2, [0]), (0.99, [7])):
+        budget_ = Budget(CostModel([1, 2, 4, 8], [1.0, 2.0, 4.0, 9.0], stepped=[True, True, True, False]),
+                         calibration=Exact())
+        tree = scored_chain([score] * 7)
+        assert best_sizes([tree], 1, budget_.cost, Exact()) == [0]
+        spend(budget_, 59.0)
+        assert budget_.plan([tree], 1) == [0]
+        spend(budget_, 1.0)
+        assert budget_.plan([tree], 1) == grown
 
 
 def test_probes_spend_at_most_their_share_of_the_forwards():
     cost = CostModel([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 3.0, 6.0], stepped=[True, True, True, False, False])
     budget_ = Budget(cost, calibration=Exact())
     chain = scored_chain([0.99] * 15)
-    assert budget_.plan([chain], 1) == [7]  # a probe of 8 tokens where the cut keeps 3 nodes
-    budget_.observe(8, 3.0, None)  # 8 tokens really cost 3.0: 2.0 more than the cut's 1.0
-    assert budget_.plan([chain], 1) == [3]  # 16 waits: probes spent 2.0 of 3.0
-    for _ in range(36):
-        budget_.observe(1, 1.0, None)
-    assert budget_.probe_share * budget_.spent < 2.0 and budget_.plan([chain], 1) == [3]
-    budget_.observe(1, 1.0, None)  # 2.0 <= 5% of 40.0
+    assert budget_.plan([chain], 1) == [7]  # a probe of 8 tokens, hoped to cost what 4 do
+    budget_.observe(8, 3.0, None)  # 8 tokens really cost 3.0: 2.0 beyond the cut's 1.0
+    assert budget_.probes_spent == 2.0
+    # 16 is hoped to cost what 8 does, 2.0 beyond the cut: it waits for 5% of 80.0 to hold 4.0
+    assert budget_.plan([chain], 1) == [3]
+    spend(budget_, 76.0)
+    assert budget_.plan([chain], 1) == [3]
+    spend(budget_, 1.0)
     assert budget_.plan([chain], 1) == [15]
     budget_.observe(16, 6.0, None)
     budget_.observe(64, 50.0, None)  # a prefill is not decoding: it buys no probe
-    assert budget_.spent == 46.0 and budget_.probes_spent == 2.0 + 5.0
+    assert budget_.spent == 86.0 and budget_.probes_spent == 2.0 + 5.0

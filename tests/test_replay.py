@@ -136,14 +136,17 @@ def test_replay_input_errors(recorded):
 
 def test_a_start_up_timing_caught_by_load_does_not_stick(recorded):
     """Forwards cost the same at every size, but the start-up timed 4 tokens and more ten
-    times dearer (a burst of load): the cut alone would never feed them again, so their
-    price would stay. The budget's probes show each size once, and the curve comes down."""
+    times dearer (a burst of load): the cut alone would never feed them again (9 tokens
+    for the price of 10), so their price would stay. The budget's probes show each size
+    once, and the curve comes down."""
     timed = [1, 2, 4, 8, 9]  # what a cold start times for decoding_length=8
     dear = CostModel(timed, [1.0, 1.0, 10.0, 10.0, 10.0])
     start = CostModel(list(range(1, 10)), [dear(n) for n in range(1, 10)],
                       confirmed=[n in timed for n in range(1, 10)], stepped=[False] * 9)
     engine = ReplayEngine(Oracle(recorded, FLAT), cost=start, decoding_length=8)
-    for prompt, output in recorded:
+    for prompt, output in recorded * 3:  # the probes wait for 5% of decoding's time to hold their prices
         assert engine.generate(prompt, max_new_tokens=len(output)).token_ids == output
     assert engine.budget.cost.seconds == pytest.approx([1.0] * 9)
-    assert max(fed for fed, _, _ in engine.oracle.charged[1:] if fed < 9) > 2  # fed after the first forward
+    assert all(engine.budget.cost.stepped[n - 1] for n in timed)  # the sizes between follow the line
+    decoding = [fed for fed, _, _ in engine.oracle.charged if fed <= 9]
+    assert max(decoding[-50:]) > 4  # and the cut feeds the sizes it avoided

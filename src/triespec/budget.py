@@ -51,8 +51,8 @@ class CostModel:
     time comes from a forward of exactly that size; the others lie on the line between
     the confirmed ones around them. `stepped`: a real step of that size has been seen. A
     start-up timing is one forward, at the mercy of the load in that second; a size it
-    priced too dear is one the cut avoids, so only a real step of it (`unstepped`, which
-    the budget feeds now and then) can bring it down. A curve given whole (no flags) is
+    priced too dear is one the cut avoids, so only a real step of it (the budget probes
+    the timed sizes no step has shown: `unstepped`) can bring it down. A curve given whole (no flags) is
     taken as known: every size confirmed and stepped.
 
     A forward after more cached tokens than `context` costs `per_context` = (a, b) more
@@ -120,8 +120,10 @@ class CostModel:
                 self.seconds[i] = self.seconds[lo] + w * (self.seconds[hi] - self.seconds[lo])
 
     def unstepped(self, above: int, most: int) -> int | None:
-        """The smallest size in (`above`, `most`] no real step has shown yet, if any."""
-        return next((n for n, st in zip(self.sizes, self.stepped) if above < n <= most and not st), None)
+        """The smallest size in (`above`, `most`] timed but not shown by a real step yet, if
+        any: the sizes between follow the line between such sizes, and come down with them."""
+        return next((n for n, c, st in zip(self.sizes, self.confirmed, self.stepped)
+                     if above < n <= most and c and not st), None)
 
     def hopeful(self) -> CostModel:
         """This curve with each size no real step has shown priced at most as the largest
@@ -455,11 +457,12 @@ class Budget:
 
     A probe: where the cut would keep more nodes if the sizes no real step has shown cost
     no more than the largest smaller one that has (`CostModel.hopeful`), the forward is
-    grown to the smallest such size above the cut (`CostModel.unstepped`). Each size is
-    probed once at most, so that a start-up timing caught by a burst of load cannot keep
+    grown to the smallest size above the cut that was timed but never stepped
+    (`CostModel.unstepped`). Each size is probed once at most, so that a start-up timing caught by a burst of load cannot keep
     a size out for good, and only where its price is what keeps it out. What probes cost
     beyond the cut's own price is kept under `probe_share` of the decoding forwards' time
-    (prefills left out): a probe waits while they have spent more."""
+    (prefills left out), one probe's excess at most: a probe waits until the share holds
+    what probes spent and its own hopeful price beyond the cut's."""
 
     probe_share = 0.05
 
@@ -486,10 +489,13 @@ class Budget:
         sizes = best_sizes(trees, fed, self.cost, self.calibration, others=others)
         self.probed = None
         chosen = fed + sum(sizes)
-        if self.probes_spent <= self.probe_share * self.spent and self.cost.unstepped(chosen, self.cost.sizes[-1]):
-            hoped = fed + sum(best_sizes(trees, fed, self.cost.hopeful(), self.calibration, others=others))
-            probe = self.cost.unstepped(chosen, hoped)
-            if probe is not None:
+        probe = self.cost.unstepped(chosen, fed + sum(len(tree) for tree in trees))
+        if probe is not None:
+            hopeful = self.cost.hopeful()
+            hoped = fed + sum(best_sizes(trees, fed, hopeful, self.calibration, others=others))
+            # what probes spent, and this one at its hopeful price beyond the cut's, within the share
+            if hoped >= probe and self.probes_spent + max(hopeful(probe) - self.cost(chosen), 0.0) \
+                    <= self.probe_share * self.spent:
                 self.probed = chosen
                 sizes = best_sizes(trees, fed, self.cost, self.calibration, others=others, at_least=probe)
         return sizes
