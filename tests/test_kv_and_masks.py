@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_config, tiny_model
 from triespec import TokenTree
-from triespec.kv import keep_path
+from triespec.kv import KVCache, keep_path, keep_paths
 from triespec.masks import Row, attention_layout, pack, with_cache
 
 
@@ -124,3 +124,38 @@ def test_a_tree_forward_on_cpu_runs_torchs_gqa_not_copied_heads(arch, monkeypatc
         grouped = masks.forward(model, packed, cache_of(model, [5, 9, 14, 3, 7])).logits
     assert masks.FORCE_GQA not in os.environ  # put back as it was
     assert torch.equal(grouped, copied)
+
+
+def test_the_growing_cache_holds_what_dynamic_cache_holds_and_appends_in_place():
+    """The same forwards, commits and batch moves on transformers' DynamicCache and on the
+    engine's KVCache give bit-identical logits and entries; appends within the buffer's room
+    copy nothing (the layer's entries stay a view of one buffer)."""
+    model = tiny_model("llama")
+    prompts = [[5, 9, 14, 3, 7, 11], [8, 2, 6, 1, 4, 12]]
+    tree = TokenTree((20, 21, 22), (-1, 0, -1))
+
+    def run(cache):
+        logits, buffers, past = [], [], len(prompts[0])
+        with torch.no_grad():
+            logits.append(model(torch.tensor(prompts), **with_cache(model, cache)).logits)
+            for step in range(6):
+                rows = [Row([30 + step], tree, past), Row([40 + step], tree, past)]
+                packed = pack(rows, past, model.dtype, model.config, None)
+                logits.append(model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                    attention_mask=packed.attention_mask, **with_cache(model, cache)).logits)
+                # row 0 accepts node 0 (20), row 1 node 2 (22): entries move left within the buffer
+                keep_paths(cache, [(past, [past, past + 1]), (past, [past, past + 3])])
+                past += 2
+                buffers.append(getattr(cache.layers[0], "room", [None])[0])
+            cache.batch_select_indices(torch.tensor([1]))  # a row leaves: the layer adopts a new buffer
+            logits.append(model(torch.tensor([[50]]), position_ids=torch.tensor([[past]]),
+                                **with_cache(model, cache)).logits)
+        return logits, buffers
+
+    expected, _ = run(DynamicCache())
+    cache = KVCache()
+    got, buffers = run(cache)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(b is buffers[0] for b in buffers)  # six appends after the prompt's, one buffer: nothing copied
+    layer = cache.layers[0]
+    assert layer.keys.data_ptr() == layer.room[0].data_ptr() and layer.keys.shape[0] == 1

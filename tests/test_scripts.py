@@ -155,7 +155,7 @@ def test_memory_load_stays_within_its_bound_and_measures_each_size():
 
 @pytest.mark.slow
 def test_forward_kernels_times_both_kernels_and_checks_their_output():
-    out = run_script("forward_kernels.py", "--repeats", "1", "--new-tokens", "2", "--profile", timeout=300)
+    out = run_script("forward_kernels.py", "--repeats", "1", "--new-tokens", "2", "--profile", "--caches", timeout=300)
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in out.splitlines()
             if re.match(r"\| (torch|packed) \| (wall|cpu) \|", line)}
     assert set(rows) == {(k, c) for k in ("torch", "packed") for c in ("wall", "cpu")}
@@ -167,3 +167,6 @@ def test_forward_kernels_times_both_kernels_and_checks_their_output():
         shares = [[float(c.strip().rstrip("%")) for c in line.split("|")[2:-1]]
                   for line in table.splitlines() if line.startswith("| ") and "%" in line]
         assert len(shares) == 7 and all(abs(sum(col) - 100) < 0.5 for col in zip(*shares))
+    # --caches: the engine's in-place cache against DynamicCache, same logits
+    caches = re.findall(r"^\| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| (True|False) \|$", out, re.M)
+    assert caches == [("1", "True"), ("16", "True")]

@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from .kernels import current as current_kernels, warm
-from .kv import keep_paths
+from .kv import KVCache, keep_paths
 from .masks import Row, context_length, forward, pack, with_cache
 from .tree import KINDS, TRIE, TokenTree
 
@@ -165,7 +165,7 @@ class CostModel:
         log.info("triespec: timing forwards of %s tokens (%s kernels)", ", ".join(map(str, sizes)),
                  current_kernels(model))
         warm(model, sizes)
-        cache = DynamicCache()
+        cache = KVCache()  # the engine's own
         vocab = model.get_output_embeddings().weight.shape[0]
         ids = torch.arange(context, device=model.device)[None] % vocab
         model(input_ids=ids, **with_cache(model, cache))

@@ -15,7 +15,7 @@ from .budget import Budget, CostModel, Watched, timing
 from .budget_store import BudgetStore, KernelStore, directory
 from .drafters import Drafter, NoDraft, TrieDrafter, build, check_drafter
 from .kernels import check as check_kernels, use as use_kernels
-from .kv import keep_paths
+from .kv import KVCache, keep_paths
 from .masks import Row, check_tree_attention, context_length, forward, pack
 from .tree import TokenTree
 from .sampling import Sampling, TreeScores, sampling_settings
@@ -379,7 +379,7 @@ class Batch:
     def __init__(self, engine: Engine, rows: Sequence[BatchRow] = ()):
         self.engine, self.rows = engine, list(rows)
         self.active: list[BatchRow] = []
-        self.cache, self.width = DynamicCache(), 0  # width: cache length shared by the rows
+        self.cache, self.width = KVCache(), 0  # width: cache length shared by the rows
         for row in rows:
             self.add(row)
         self._steps = self._run()  # one run, however it is consumed
@@ -488,7 +488,7 @@ class Batch:
             self.cache.batch_select_indices(torch.tensor(stay))
             self.width = keep_paths(self.cache, [(row.past, []) for row in self.active])  # trim to the longest row
         else:
-            self.cache, self.width = DynamicCache(), 0
+            self.cache, self.width = KVCache(), 0
             if self.engine.budget_store is not None:  # every row has ended: keep what the budget learned
                 self.engine.budget_store.save(self.engine.budget.cost, self.engine.budget.calibration)
 

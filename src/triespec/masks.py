@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from transformers import DynamicCache
 
+from .kv import KVCache
 from .tree import TokenTree
 
 
@@ -181,7 +181,7 @@ def check_tree_attention(model) -> None:
 
         def last_logits(tree: TokenTree) -> torch.Tensor:
             packed = pack([Row([a], tree, 0)], 0, model.dtype, config, model.device)
-            return forward(model, packed, DynamicCache()).logits[0, -1].float()
+            return forward(model, packed, KVCache()).logits[0, -1].float()
 
         tree_logits = last_logits(TokenTree((b, c), (-1, -1)))
         chain_logits = last_logits(TokenTree.chain([c]))

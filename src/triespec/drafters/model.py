@@ -29,10 +29,9 @@ import inspect
 from typing import Sequence
 
 import torch
-from transformers import DynamicCache
 
 from ..budget import CostModel
-from ..kv import keep_path
+from ..kv import KVCache, keep_path
 from ..masks import Packed, Row, attention_mask, check_tree_attention, context_length, forward, pack
 from ..tree import MODEL, TokenTree
 from .base import Drafter, DraftSession
@@ -152,7 +151,7 @@ class ModelSession(DraftSession):
 
     def __init__(self, drafter: ModelDrafter, prompt_ids: Sequence[int], sampling=None):
         self.d = drafter
-        self.cache = DynamicCache()
+        self.cache = KVCache()
         self.past = 0
         self.seq = list(prompt_ids)  # every committed token
         self.pending = list(prompt_ids)
