@@ -51,9 +51,9 @@ class CostModel:
     time comes from a forward of exactly that size; the others lie on the line between
     the confirmed ones around them. `stepped`: a real step of that size has been seen. A
     start-up timing is one forward, at the mercy of the load in that second; a size it
-    priced too dear is one the cut avoids, so only a real step of it (the budget probes
-    the timed sizes no step has shown: `unstepped`) can bring it down. A curve given whole (no flags) is
-    taken as known: every size confirmed and stepped.
+    priced too dear is one the cut avoids, so only a real step of it can bring it down
+    (the budget probes the timed sizes no step has shown: `unstepped`). A curve given
+    whole (no flags) is taken as known: every size confirmed and stepped.
 
     A forward after more cached tokens than `context` costs `per_context` = (a, b) more
     per cached token, a per forward and b per token fed (attention reads every cached
@@ -77,7 +77,7 @@ class CostModel:
         self.confirmed = [True] * len(sizes) if confirmed is None else [bool(c) for c in confirmed]
         self.stepped = list(self.confirmed) if stepped is None else [bool(c) for c in stepped]
         if any(st and not c for st, c in zip(self.stepped, self.confirmed)):
-            raise ValueError("a stepped size is confirmed: a real step of it gave its time")
+            raise ValueError("stepped sizes must be confirmed: a real step gave their time")
 
     def __call__(self, tokens: int, context: int | None = None) -> float:
         """Seconds for a forward over `tokens` tokens after `context` cached tokens (None:
@@ -158,7 +158,8 @@ class CostModel:
         time); and, if `long_context` > `context`, of 1 and `max_tokens` tokens after
         `long_context` (`per_context`). The curve holds every size up to `max_tokens`: the
         timed ones confirmed, the others on the line between them for real steps to
-        confirm; no size stepped yet. The defaults are an engine's cold start: a few forwards, not one per size.
+        confirm; no size stepped yet. The defaults are an engine's cold start: a few
+        forwards, not one per size.
         Every linear shape is first run once at each size (kernels.warm), so that no
         kernel's first-call cost is timed."""
         sizes = timed_sizes(max_tokens, every)
@@ -458,11 +459,12 @@ class Budget:
     A probe: where the cut would keep more nodes if the sizes no real step has shown cost
     no more than the largest smaller one that has (`CostModel.hopeful`), the forward is
     grown to the smallest size above the cut that was timed but never stepped
-    (`CostModel.unstepped`). Each size is probed once at most, so that a start-up timing caught by a burst of load cannot keep
-    a size out for good, and only where its price is what keeps it out. What probes cost
-    beyond the cut's own price is kept under `probe_share` of the decoding forwards' time
-    (prefills left out), one probe's excess at most: a probe waits until the share holds
-    what probes spent and its own hopeful price beyond the cut's."""
+    (`CostModel.unstepped`). Each size is probed once at most, so that a start-up timing
+    caught by a burst of load cannot keep a size out for good, and only where its price
+    is what keeps it out. What probes cost beyond the cut's own price is kept under
+    `probe_share` of the time of the forwards the curve prices, one probe's excess at
+    most: a probe waits until the share holds what probes spent and its own hopeful
+    price beyond the cut's."""
 
     probe_share = 0.05
 
@@ -470,7 +472,7 @@ class Budget:
         self.cost = cost
         self.calibration = calibration if calibration is not None else Calibration()
         self.gate = Gate(cost) if costly else None
-        self.spent = self.probes_spent = 0.0  # seconds of every forward; of what probes added to their cut's price
+        self.spent = self.probes_spent = 0.0  # seconds of the priced forwards; what probes added to their cuts
         self.probed: int | None = None  # the size this step's cut chose, when the step probes
 
     def allow_costly(self) -> Callable[[TokenTree], bool] | None:
@@ -507,7 +509,7 @@ class Budget:
         if self.probed is not None:
             self.probes_spent += max(seconds - self.cost(self.probed), 0.0)
             self.probed = None
-        if fed <= self.cost.sizes[-1]:  # not a prefill: what decoding spends
+        if fed <= self.cost.sizes[-1]:  # a forward the curve prices (not a prefill)
             self.spent += seconds
         self.cost.observe(fed, seconds)
         if self.gate is not None and drafted is not None:

@@ -8,8 +8,8 @@ linear layers run on (`kernels.current`: "torch" or "packed"), and the machine (
 what a forward costs depends on all of these. Weights are keyed by shape, not value, so
 two fine-tunes of one model share a file: the curve is the same for both, and the
 calibration forgets (`Calibration.observe`). The file holds the cost curve
-(`budget.CostModel`: sizes, seconds, which sizes are confirmed and which stepped, the context it was
-measured after and the per-cached-token cost) and the calibration
+(`budget.CostModel`: sizes, seconds, which sizes are confirmed and which stepped, the
+context it was measured after and the per-cached-token cost) and the calibration
 (`budget.Calibration.state()`), with a magic string, the format version and the full
 key, compared on loading: a file name is a hash, and two keys could share one.
 

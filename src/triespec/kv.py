@@ -74,7 +74,6 @@ class KVCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
-
 def keep_path(cache: DynamicCache, prefix_len: int, path: list[int]) -> None:
     """One row: keep the first `prefix_len` positions, then the positions in `path`.
 
