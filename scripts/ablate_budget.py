@@ -104,12 +104,13 @@ def curve_of(results: dict) -> CostModel:
 
 def cold(charge: CostModel) -> CostModel:
     """The curve a cold engine decides by: `charge` at the sizes a cold start times, the
-    sizes between on the line, unconfirmed (as CostModel.measure builds it)."""
+    sizes between on the line, unconfirmed (as CostModel.measure builds it); the timed
+    sizes taken as known (stepped), so that the budget never probes them: the ablation
+    weighs the budget's parts on a start that timed the machine right."""
     timed = [n for n in COLD_SIZES if n <= MOST]
-    line = CostModel(timed, [charge(n) for n in timed], context=charge.context, per_context=charge.per_context)
-    every = list(range(1, MOST + 1))
-    return CostModel(every, [line(n) for n in every], context=charge.context, per_context=charge.per_context,
-                     confirmed=[n in timed for n in every])
+    curve = CostModel.from_timings(timed, [charge(n) for n in timed], MOST, charge.context, charge.per_context)
+    curve.stepped = list(curve.confirmed)
+    return curve
 
 
 def speedup(tasks: list[Task], charge: CostModel, variant: Variant) -> float:

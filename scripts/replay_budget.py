@@ -107,11 +107,8 @@ def cold_start(charge: CostModel, most: int, load: dict[int, float]) -> CostMode
     sizes CostModel.measure times, each `load[size]` times dearer, the rest on the line
     between them, no size stepped."""
     timed = timed_sizes(most)
-    line = CostModel(timed, [charge(n) * load.get(n, 1.0) for n in timed], context=charge.context,
-                     per_context=charge.per_context)
-    every = list(range(1, most + 1))
-    return CostModel(every, [line(n) for n in every], context=charge.context, per_context=charge.per_context,
-                     confirmed=[n in timed for n in every], stepped=[False] * most)
+    return CostModel.from_timings(timed, [charge(n) * load.get(n, 1.0) for n in timed], most, charge.context,
+                                  charge.per_context)
 
 
 def main() -> None:

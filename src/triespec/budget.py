@@ -138,6 +138,17 @@ class CostModel:
         return CostModel(self.sizes, seconds, context=self.context, per_context=self.per_context)
 
     @classmethod
+    def from_timings(cls, sizes: list[int], seconds: list[float], most: int, context: int = 0,
+                     per_context: tuple[float, float] = (0.0, 0.0)) -> CostModel:
+        """The curve a cold start holds: every size up to `most`, the timed `sizes`
+        confirmed at their `seconds`, the others on the line between them, no size
+        stepped yet."""
+        timed = cls(sizes, seconds, context=context, per_context=per_context)
+        every = list(range(1, most + 1))
+        return cls(every, [timed(n) for n in every], context=context, per_context=per_context,
+                   confirmed=[n in sizes for n in every], stepped=[False] * most)
+
+    @classmethod
     def of(cls, model, config, max_tokens: int, saved: CostModel | None = None) -> CostModel:
         """The model's cost curve, one per process, kernels (kernels.current) and size:
         the curve belongs to the model and the machine, and every engine of the model
@@ -197,10 +208,7 @@ class CostModel:
                      for n in ends]
             b = max(extra[1] - extra[0], 0.0) / max(sizes[-1] - 1, 1)  # extra = a + b * tokens
             per_context = (max(extra[0] - b, 0.0), b)
-        timed_curve = cls(sizes, seconds, context=context, per_context=per_context)
-        every_size = list(range(1, max_tokens + 1))
-        return cls(every_size, [timed_curve(n) for n in every_size], context=context, per_context=per_context,
-                   confirmed=[n in sizes for n in every_size], stepped=[False] * len(every_size))
+        return cls.from_timings(sizes, seconds, max_tokens, context, per_context)
 
 
 def timing(model, max_tokens: int) -> Callable[[], list[float]]:
